@@ -1,0 +1,31 @@
+# rnnimg: `make demo` runs the whole product on embedded defaults; `make test` runs the tests.
+# Both create .venv with Python 3.11 and install the pinned set in constraints.txt
+# (torch pinned to the CPU build for this install path; the package itself asks for torch>=2.3).
+
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-stamp
+DEMO_OUT ?= demo-output
+
+export PREFECT_SERVER_ANALYTICS_ENABLED := false
+export RAY_USAGE_STATS_ENABLED := 0
+
+.PHONY: setup demo test clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[test,report]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/python flows/demo.py --out $(DEMO_OUT)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest
+
+clean:
+	rm -rf $(VENV) $(DEMO_OUT) .pytest_cache

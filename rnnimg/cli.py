@@ -1,0 +1,181 @@
+"""The ``rnnimg`` command.
+
+    rnnimg synth OUT [--videos N] [--seed S]
+    rnnimg train MANIFEST --out OUT [--epochs E] [--workers W] [--name RUN]
+    rnnimg label VIDEOS [VIDEOS ...] --model MODEL --out OUT
+
+Every location takes a local path or ``s3://bucket/prefix`` (endpoint from AWS_ENDPOINT_URL,
+credentials from the standard AWS chain). Bad arguments and missing inputs end with one line
+on stderr and exit status 2; nothing is printed as a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+
+EXIT_USAGE = 2
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line that points to --help."""
+
+    def error(self, message: str):  # noqa: D401 - argparse's hook
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {value}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="rnnimg",
+        description="Train recurrent video models (CRNN) with Ray Train and label video archives with Ray Data. "
+        "Locations are local paths or s3://bucket/prefix.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress at INFO level")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+
+    p = sub.add_parser("synth", help="make a labelled synthetic motion archive (H.264 videos + manifest)",
+                       description="Write OUT/videos/<split>/*.mp4 and OUT/manifest.parquet (video_uri, label, split). "
+                       "Each video shows a disc moving left or right over a drifting, cluttered background.")
+    p.add_argument("out", metavar="OUT", help="where the archive and its manifest go (folder or s3:// prefix)")
+    p.add_argument("--videos", type=_positive_int, default=240, help="labelled videos, split 70/15/15 into train/val/test (default 240)")
+    p.add_argument("--unlabelled", type=_non_negative_int, default=4, help="extra videos without a label, split 'unlabelled' (default 4)")
+    p.add_argument("--seed", type=int, default=0, help="random seed; the same seed gives the same archive (default 0)")
+    p.add_argument("--seconds", type=_positive_float, default=4.0, help="length of each video in seconds (default 4)")
+    p.add_argument("--fps", type=_positive_int, default=12, help="frame rate of the videos (default 12)")
+
+    p = sub.add_parser("train", help="train a CRNN with Ray Train and export the best model",
+                       description="Train on the manifest's 'train' split, validate on 'val' every epoch, checkpoint to "
+                       "OUT/ray/RUN and export the best model to OUT/model (model.safetensors, config.json, labels.json, "
+                       "metrics.json). Rerunning with the same --out and --name resumes from the last checkpoint.")
+    p.add_argument("manifest", metavar="MANIFEST", help="manifest table (.parquet/.csv) with video_uri, label, split")
+    p.add_argument("--out", required=True, help="where checkpoints and the exported model go (folder or s3:// prefix)")
+    p.add_argument("--epochs", type=_positive_int, default=12, help="passes over the training videos (default 12)")
+    p.add_argument("--workers", type=_positive_int, default=2, help="Ray Train workers, DDP (default 2)")
+    p.add_argument("--name", default="crnn", help="run name; the same name resumes (default crnn)")
+    p.add_argument("--batch-size", type=_positive_int, default=16, help="clips per step per worker (default 16)")
+    p.add_argument("--lr", type=_positive_float, default=3e-3, help="peak learning rate, AdamW with cosine decay (default 0.003)")
+    p.add_argument("--clips-per-video", type=_positive_int, default=3, help="random clips per training video per epoch (default 3)")
+    p.add_argument("--rnn", choices=("lstm", "gru"), default="lstm", help="recurrent layer type (default lstm)")
+    p.add_argument("--rnn-impl", choices=("torch", "reference"), default="torch",
+                   help="torch: torch.nn kernels; reference: rnnimg.nn cells written from the equations (default torch)")
+    p.add_argument("--gpu", action="store_true", help="one GPU per worker")
+    p.add_argument("--shuffle-frames", action="store_true",
+                   help="ablation: shuffle the frame order inside every clip (the model should then fall to chance)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--ray-address", default=None, help="Ray cluster to use (default: RAY_ADDRESS, else a local Ray)")
+
+    p = sub.add_parser("label", help="label videos with a trained model into Parquet tables (Ray Data)",
+                       description="Decode clips with PyAV in Ray tasks, run the model in a Ray actor pool and write "
+                       "OUT/clips (one row per clip) and OUT/videos (one row per video: ok/partial/failed). "
+                       "Rerunning the same command resumes: committed shards are skipped.")
+    p.add_argument("videos", metavar="VIDEOS", nargs="+",
+                   help="one or more: a folder or prefix of videos, one video, or a manifest table (.parquet/.csv)")
+    p.add_argument("--model", required=True, help="exported model folder (OUT/model of `rnnimg train`)")
+    p.add_argument("--out", required=True, help="where the tables go (folder or s3:// prefix)")
+    p.add_argument("--split", action="append", dest="splits", metavar="SPLIT",
+                   help="with a manifest: label only rows of this split (repeatable)")
+    p.add_argument("--run-id", default=None, help="name of the run (default: new, or the one already in --out)")
+    p.add_argument("--stride-seconds", type=_positive_float, default=None, help="distance between clip starts (default: the model's)")
+    p.add_argument("--videos-per-shard", type=_positive_int, default=16, help="videos committed together (default 16)")
+    p.add_argument("--batch-size", type=_positive_int, default=32, help="clips per model call (default 32)")
+    p.add_argument("--actors", type=_positive_int, default=1, help="model replicas in the actor pool (default 1)")
+    p.add_argument("--truth", default=None, help="manifest with true labels: print the clip accuracy on its test split")
+    p.add_argument("--ray-address", default=None, help="Ray cluster to use (default: RAY_ADDRESS, else a local Ray)")
+    return parser
+
+
+def _run(args) -> dict:
+    if args.command == "synth":
+        from rnnimg.synth import SynthConfig, make_archive
+
+        config = SynthConfig(videos=args.videos, unlabelled=args.unlabelled, seed=args.seed, seconds=args.seconds, fps=args.fps)
+        manifest = make_archive(args.out, config)
+        return {"manifest": manifest, "videos": args.videos + args.unlabelled}
+
+    if args.command == "train":
+        from rnnimg.models.crnn import CRNNConfig
+        from rnnimg.manifest import read_manifest
+        from rnnimg.train import TrainConfig, train
+
+        rows = read_manifest(args.manifest)
+        labels = tuple(sorted({r.label for r in rows if r.label is not None and r.split in ("train", "val")}))
+        if len(labels) < 2:
+            raise ValueError(f"manifest {args.manifest} needs labelled train/val rows of at least 2 classes, found {list(labels)}")
+        model_config = CRNNConfig(labels=labels, rnn_type=args.rnn, rnn_impl=args.rnn_impl)
+        train_config = TrainConfig(
+            epochs=args.epochs, workers=args.workers, batch_size=args.batch_size, lr=args.lr,
+            clips_per_video=args.clips_per_video, use_gpu=args.gpu, seed=args.seed, shuffle_frames=args.shuffle_frames,
+        )
+        result = train(args.manifest, args.out, args.name, train_config, model_config, ray_address=args.ray_address)
+        return {"model": result.model_uri, "run": result.run_uri, "best": result.metrics}
+
+    if args.command == "label":
+        from rnnimg.label import LabelConfig, clip_accuracy, label
+
+        config = LabelConfig(videos_per_shard=args.videos_per_shard, batch_size=args.batch_size, actors=args.actors,
+                             stride_seconds=args.stride_seconds)
+        result = label(args.videos, args.model, args.out, config, splits=args.splits, run_id=args.run_id, ray_address=args.ray_address)
+        summary = result.summary()
+        if args.truth:
+            accuracy, clips = clip_accuracy(args.out, args.truth)
+            summary["test_clip_accuracy"], summary["test_clips"] = accuracy, clips
+        return summary
+    raise AssertionError(args.command)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "0")
+    from rnnimg.label import LabelError
+    from rnnimg.manifest import ManifestError
+    from rnnimg.runtime import ClusterUnreachable
+    from rnnimg.storage import StorageError
+
+    try:
+        summary = _run(args)
+    except (ValueError, FileNotFoundError, LabelError, ManifestError, StorageError, ClusterUnreachable, PermissionError) as err:
+        message = str(err).splitlines()[0] if str(err) else type(err).__name__
+        print(f"rnnimg {args.command}: error: {message}", file=sys.stderr)
+        return EXIT_USAGE
+    print(json.dumps(summary, indent=2, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

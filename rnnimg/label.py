@@ -1,0 +1,405 @@
+"""Label an archive with a trained CRNN, on Ray Data, into Parquet tables.
+
+    rnnimg label ARCHIVE/ --model runs/model --out labels/
+
+The data path:
+
+    list the input -> deterministic shards -> decode clips (Ray tasks, PyAV)
+        -> Predictor (Ray actor pool, the model) -> per-shard Parquet tables, committed atomically
+
+Every video ends as one row of the videos table: ``ok``, ``partial`` (decoding stopped at an
+error; the clips before it are kept) or ``failed`` (the reason in ``error``). A broken video
+never stops the job.
+
+A shard's two table files are written first and its completion record last
+(``OUT/_commits``); rerunning the same command skips committed shards and rewrites any
+shard that had not committed, under the same file names, so no row is written twice.
+See ``rnnimg.tables`` for the store layout and schemas.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+import uuid
+from dataclasses import asdict, dataclass
+from typing import Iterator
+
+import numpy as np
+
+from rnnimg import storage, tables
+from rnnimg.manifest import VideoRow, resolve_videos, shards
+from rnnimg.models.crnn import CRNNConfig
+from rnnimg.video.clips import ClipSpec, uniform_clips
+
+log = logging.getLogger("rnnimg.label")
+
+
+@dataclass(frozen=True)
+class LabelConfig:
+    """Scale and batching of a labelling run (the clip plan comes from the model's config)."""
+
+    videos_per_shard: int = 16  # videos committed together; the unit of resume
+    batch_size: int = 32  # clips per model call
+    actors: int = 1  # Predictor actors (model replicas)
+    actor_cpus: float = 1.0  # CPUs reserved per Predictor actor
+    gpus_per_actor: float = 0.0  # GPUs per Predictor actor (0: CPU inference)
+    decode_cpus: float = 1.0  # CPUs reserved per decode task
+    decode_memory_mb: int = 512  # memory reserved per decode task (one decoder + one batch of clips)
+    stride_seconds: float | None = None  # override the model's clip stride (None: the model's)
+
+    def __post_init__(self) -> None:
+        for name in ("videos_per_shard", "batch_size", "actors"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        if self.actor_cpus <= 0 or self.decode_cpus <= 0:
+            raise ValueError(f"actor_cpus and decode_cpus must be > 0, got {self.actor_cpus}, {self.decode_cpus}")
+        if self.gpus_per_actor < 0:
+            raise ValueError(f"gpus_per_actor must be >= 0, got {self.gpus_per_actor}")
+        if self.stride_seconds is not None and not self.stride_seconds > 0:
+            raise ValueError(f"stride_seconds must be > 0, got {self.stride_seconds}")
+
+
+class LabelError(RuntimeError):
+    """The labelling run cannot start (bad input, model, or a conflicting earlier run)."""
+
+
+# ----------------------------------------------------------------------------- decode (Ray tasks)
+
+
+def decode_video(batch: dict, spec: dict, frame_size: int, clips_per_batch: int) -> Iterator[dict]:
+    """Ray Data UDF: one input video -> batches of clips, then one status row.
+
+    Rows with ``is_status`` carry the video's outcome (and dummy frames, so that every batch
+    has one schema); the others carry a clip's frames, uint8 (T, H, W, C).
+    """
+    from rnnimg.video.decode import VideoError, VideoReader
+
+    clip_spec = ClipSpec(**spec)
+    t = clip_spec.frames_per_clip
+    video_uri = str(batch["video_uri"][0])
+    shard = int(batch["shard"][0])
+    pending: list[tuple] = []
+    count, duration, status, error_type, error = 0, None, "ok", None, None
+
+    def clip_batch(items, is_status=False, **status_fields):
+        n = len(items) if items else 1
+        frames = np.stack([f for *_, f in items]) if items else np.zeros((1, t, frame_size, frame_size, 3), np.uint8)
+        return {
+            "shard": np.full(n, shard, np.int64),
+            "video_uri": np.array([video_uri] * n, dtype=object),
+            "clip_index": np.array([c.clip_index for c, _ in items] if items else [-1], np.int64),
+            "start_s": np.array([c.start_s for c, _ in items] if items else [0.0], np.float64),
+            "end_s": np.array([c.end_s for c, _ in items] if items else [0.0], np.float64),
+            "frames": frames,  # (N, T, H, W, C) uint8
+            "is_status": np.full(n, is_status),
+            "status": np.array([status_fields.get("status", "")] * n, dtype=object),
+            "error_type": np.array([status_fields.get("error_type") or ""] * n, dtype=object),
+            "error": np.array([status_fields.get("error") or ""] * n, dtype=object),
+            "duration_s": np.full(n, status_fields.get("duration_s", np.nan) if status_fields.get("duration_s") is not None else np.nan),
+            "clips": np.full(n, status_fields.get("clips", 0), np.int64),
+        }
+
+    try:
+        with VideoReader(video_uri, (frame_size, frame_size)) as reader:
+            duration = reader.duration_s
+            plan = uniform_clips(duration, clip_spec)
+            if not plan:
+                raise VideoError("empty", f"{video_uri}: the video stream has no duration (no frames)")
+            for clip, frames in reader.clips(plan):
+                pending.append((clip, frames))
+                count += 1
+                if len(pending) == clips_per_batch:
+                    yield clip_batch(pending)
+                    pending = []
+    except VideoError as err:
+        status = "partial" if count else "failed"
+        error_type, error = err.error_type, err.message
+    except (MemoryError, RecursionError):
+        raise
+    except Exception as err:  # noqa: BLE001 - one bad video must never stop the job: record it instead
+        status = "partial" if count else "failed"
+        error_type, error = "unexpected", f"{video_uri}: {type(err).__name__}: {err}"[:500]
+        log.exception("unexpected error decoding %s", video_uri)
+    if pending:
+        yield clip_batch(pending)
+    yield clip_batch([], is_status=True, status=status, error_type=error_type, error=error, duration_s=duration, clips=count)
+
+
+# ----------------------------------------------------------------------------- model (Ray actors)
+
+
+class Predictor:
+    """Runs the model on batches of clips: dict of ndarrays in, dict of ndarrays out.
+
+    Status rows pass through untouched; clip rows get ``label`` and ``score``. The frames
+    column is dropped, so only small rows travel back to the driver.
+    """
+
+    def __init__(self, model_uri: str, device: str | None = None, threads: int | None = None):
+        import torch
+
+        from rnnimg.train import load_model
+
+        if threads:
+            torch.set_num_threads(max(1, int(threads)))
+        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.model, self.config, self.model_id = load_model(model_uri, self.device)
+        self.labels = np.array(self.config.labels, dtype=object)
+
+    @classmethod
+    def from_checkpoint(cls, model_uri: str, **kwargs) -> "Predictor":
+        return cls(model_uri, **kwargs)
+
+    def __call__(self, batch: dict) -> dict:
+        import torch
+
+        from rnnimg.models.crnn import to_model_input
+
+        out = {k: v for k, v in batch.items() if k != "frames"}
+        n = len(batch["video_uri"])
+        labels = np.array([""] * n, dtype=object)
+        scores = np.zeros(n, np.float32)
+        todo = np.flatnonzero(~batch["is_status"].astype(bool))
+        if len(todo):
+            with torch.inference_mode():
+                x = to_model_input(batch["frames"][todo]).to(self.device)  # (N, T, H, W, C) -> (N, T, C, H, W)
+                clip_logits, _ = self.model(x)
+                probs = torch.softmax(clip_logits.float(), dim=1)
+                score, index = probs.max(dim=1)
+            labels[todo] = self.labels[index.cpu().numpy()]
+            scores[todo] = score.cpu().numpy()
+        out["label"], out["score"] = labels, scores
+        return out
+
+
+# ----------------------------------------------------------------------------- the job
+
+
+@dataclass(frozen=True)
+class LabelResult:
+    out: str  # where the tables are
+    run_id: str
+    model_id: str
+    videos: int  # input videos
+    ok: int
+    partial: int
+    failed: int
+    clips: int
+    shards_done: int  # shards written by this invocation
+    shards_skipped: int  # shards already committed by an earlier invocation
+    seconds: float
+
+    def summary(self) -> dict:
+        return asdict(self)
+
+
+def _model_identity(model_uri: str) -> tuple[CRNNConfig, str]:
+    from rnnimg.train import MODEL_WEIGHTS
+
+    weights_uri = storage.join(model_uri, MODEL_WEIGHTS)
+    if not storage.exists(weights_uri):
+        raise LabelError(f"no exported model at {model_uri} (missing {MODEL_WEIGHTS}); pass the folder `rnnimg train` wrote as OUT/model")
+    config = CRNNConfig.from_dict(storage.read_json(storage.join(model_uri, "config.json")))
+    return config, hashlib.sha256(storage.read_bytes(weights_uri)).hexdigest()[:16]
+
+
+def _run_config(out: str, run_id: str | None, model_uri: str, model_id: str, spec: ClipSpec, config: LabelConfig, videos: list[str]) -> dict:
+    """The run's identity: reuse the one in ``OUT`` (resume) or start a new one."""
+    path = storage.join(out, "_run", "config.json")
+    wanted = {"model_id": model_id, "clip_spec": spec.to_dict(), "videos_per_shard": config.videos_per_shard}
+    if storage.exists(path):
+        existing = storage.read_json(path)
+        same = {k: existing.get(k) for k in wanted} == wanted
+        if not same:
+            raise LabelError(
+                f"{out} already holds a run with other settings (model {existing.get('model_id')}, "
+                f"clip plan {existing.get('clip_spec')}); use another --out"
+            )
+        if run_id and run_id != existing["run_id"]:
+            raise LabelError(f"{out} holds run {existing['run_id']!r}, not {run_id!r}; use another --out")
+        return existing
+    run = {**wanted, "run_id": run_id or time.strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6], "model_uri": model_uri, "videos": videos}
+    storage.write_json(path, run)
+    return run
+
+
+def _input_rows(out: str, videos: list[str], splits: list[str] | None) -> list[VideoRow]:
+    """The run's input listing: made once, then read back on every resume."""
+    import pyarrow as pa
+
+    path = storage.join(out, "_run", "manifest.parquet")
+    if storage.exists(path):
+        table = storage.read_table(path)
+        return [VideoRow(**r) for r in table.to_pylist()]
+    rows: dict[str, VideoRow] = {}
+    for location in videos:
+        for row in resolve_videos(location, splits):
+            rows.setdefault(row.video_uri, row)
+    if not rows:
+        raise LabelError(f"no videos found at {', '.join(videos)}" + (f" with split in {splits}" if splits else ""))
+    table = pa.Table.from_pylist([asdict(r) for r in rows.values()])
+    storage.write_table(table, path)
+    return list(rows.values())
+
+
+def label(
+    videos: str | list[str],
+    model_uri: str,
+    out: str,
+    config: LabelConfig = LabelConfig(),
+    splits: list[str] | None = None,
+    run_id: str | None = None,
+    ray_address: str | None = None,
+) -> LabelResult:
+    """Label every video named by ``videos`` and write the tables under ``out``.
+
+    Args:
+        videos: a folder/prefix of videos, one video, or a manifest table (.parquet/.csv);
+            or a list of those.
+        model_uri: an exported model folder (``rnnimg train``'s ``OUT/model``).
+        out: output location (local folder or ``s3://``).
+        splits: with a manifest, keep only rows whose ``split`` is one of these.
+        run_id: name of the run (default: a new one, or the one already in ``out``).
+
+    Raises:
+        LabelError: no videos, no model, or ``out`` holds a run with other settings.
+    """
+    import ray
+    from ray.data import ActorPoolStrategy
+
+    from rnnimg.runtime import ensure_ray
+
+    started = time.perf_counter()
+    videos = [videos] if isinstance(videos, str) else list(videos)
+    model_config, model_id = _model_identity(model_uri)
+    spec = ClipSpec(model_config.clip_seconds, model_config.frames_per_clip, config.stride_seconds or model_config.stride_seconds)
+    run = _run_config(out, run_id, model_uri, model_id, spec, config, videos)
+    rows = _input_rows(out, videos, splits)
+    all_shards = shards(rows, config.videos_per_shard)
+    committed = {i for i in range(len(all_shards)) if storage.exists(_commit_uri(out, i))}
+    pending = [i for i in range(len(all_shards)) if i not in committed]
+    log.info("run %s: %d videos in %d shards, %d already committed", run["run_id"], len(rows), len(all_shards), len(committed))
+
+    if pending:
+        ensure_ray(ray_address)
+        items = [{"shard": i, "video_uri": row.video_uri} for i in pending for row in all_shards[i]]
+        gpus = config.gpus_per_actor
+        if gpus == 0 and ray.cluster_resources().get("GPU", 0) >= 1:
+            gpus = 1.0
+        ds = ray.data.from_items(items, override_num_blocks=min(len(items), 4096))
+        ds = ds.map_batches(
+            decode_video,
+            batch_size=1,
+            fn_kwargs={"spec": spec.to_dict(), "frame_size": model_config.frame_size, "clips_per_batch": config.batch_size},
+            num_cpus=config.decode_cpus,
+            # Reserving memory for the decoder also keeps decoding in its own tasks: with remote
+            # args equal to the actors', Ray Data fuses it into them (one decoder per replica).
+            memory=config.decode_memory_mb * 1024 * 1024,
+        )
+        ds = ds.map_batches(
+            Predictor,
+            fn_constructor_kwargs={"model_uri": model_uri, "threads": max(1, int(config.actor_cpus))},
+            compute=ActorPoolStrategy(size=config.actors),
+            batch_size=config.batch_size,
+            num_cpus=config.actor_cpus,
+            num_gpus=gpus,
+        )
+        _collect_and_commit(ds, out, run, all_shards, pending)
+
+    result = _summarize(out, run, rows, len(pending), len(committed), time.perf_counter() - started)
+    storage.write_json(storage.join(out, "run.json"), {**result.summary(), "model_uri": model_uri, "clip_spec": spec.to_dict(), "label_config": asdict(config)})
+    return result
+
+
+def _commit_uri(out: str, shard: int) -> str:
+    return storage.join(out, "_commits", f"shard-{shard:05d}.json")
+
+
+def _collect_and_commit(ds, out: str, run: dict, all_shards: list[list[VideoRow]], pending: list[int]) -> None:
+    """Stream the predictions; write each shard's tables as soon as all its videos are in."""
+    expected = {i: len(all_shards[i]) for i in pending}
+    clip_rows: dict[int, list[dict]] = {i: [] for i in pending}
+    video_rows: dict[int, list[dict]] = {i: [] for i in pending}
+    meta = {"run_id": run["run_id"], "model_id": run["model_id"]}
+    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+        for j in range(len(batch["video_uri"])):
+            shard = int(batch["shard"][j])
+            if batch["is_status"][j]:
+                duration = float(batch["duration_s"][j])
+                video_rows[shard].append(
+                    {
+                        "video_uri": str(batch["video_uri"][j]),
+                        "status": str(batch["status"][j]),
+                        "duration_s": None if np.isnan(duration) else duration,
+                        "clips": int(batch["clips"][j]),
+                        "error_type": str(batch["error_type"][j]) or None,
+                        "error": str(batch["error"][j]) or None,
+                        **meta,
+                    }
+                )
+            else:
+                clip_rows[shard].append(
+                    {
+                        "video_uri": str(batch["video_uri"][j]),
+                        "clip_index": int(batch["clip_index"][j]),
+                        "start_s": float(batch["start_s"][j]),
+                        "end_s": float(batch["end_s"][j]),
+                        "label": str(batch["label"][j]),
+                        "score": float(batch["score"][j]),
+                        **meta,
+                    }
+                )
+            if len(video_rows[shard]) == expected[shard]:
+                _commit_shard(out, shard, run, clip_rows.pop(shard), video_rows.pop(shard))
+                expected.pop(shard)
+    if expected:
+        raise RuntimeError(f"the pipeline ended with shards {sorted(expected)} incomplete")
+
+
+def _commit_shard(out: str, shard: int, run: dict, clips: list[dict], videos: list[dict]) -> None:
+    name = f"shard-{shard:05d}.parquet"
+    clips.sort(key=lambda r: (r["video_uri"], r["clip_index"]))
+    videos.sort(key=lambda r: r["video_uri"])
+    storage.write_table(tables.table_from_rows(clips, tables.with_run_metadata(tables.CLIPS, run)), storage.join(out, "clips", name))
+    storage.write_table(tables.table_from_rows(videos, tables.with_run_metadata(tables.VIDEOS, run)), storage.join(out, "videos", name))
+    counts = {s: sum(1 for v in videos if v["status"] == s) for s in tables.VIDEO_STATUSES}
+    storage.write_json(_commit_uri(out, shard), {"shard": shard, "clips": len(clips), "videos": len(videos), **counts, "committed_at": time.time()})
+
+
+def _summarize(out: str, run: dict, rows: list[VideoRow], done: int, skipped: int, seconds: float) -> LabelResult:
+    videos = storage.read_table(storage.join(out, "videos"), columns=["status", "clips"]).to_pydict()
+    statuses = videos["status"]
+    return LabelResult(
+        out=out,
+        run_id=run["run_id"],
+        model_id=run["model_id"],
+        videos=len(rows),
+        ok=statuses.count("ok"),
+        partial=statuses.count("partial"),
+        failed=statuses.count("failed"),
+        clips=int(sum(videos["clips"])),
+        shards_done=done,
+        shards_skipped=skipped,
+        seconds=round(seconds, 3),
+    )
+
+
+def clip_accuracy(out: str, manifest_uri: str, split: str = "test") -> tuple[float, int]:
+    """Share of labelled clips whose label matches the manifest's truth for ``split`` videos.
+
+    Returns:
+        (accuracy, number of clips compared).
+    """
+    from rnnimg.manifest import read_manifest
+
+    truth = {r.video_uri: r.label for r in read_manifest(manifest_uri) if r.split == split and r.label is not None}
+    clips = storage.read_table(storage.join(out, "clips"), columns=["video_uri", "label"]).to_pydict()
+    pairs = [(truth[u], l) for u, l in zip(clips["video_uri"], clips["label"]) if u in truth]
+    if not pairs:
+        return float("nan"), 0
+    return sum(t == p for t, p in pairs) / len(pairs), len(pairs)

@@ -1,0 +1,355 @@
+"""Every URL, filesystem and atomic write of rnnimg lives here.
+
+A *location* is a string: a local path (``out/``, ``/data/x``), a ``file://`` URL, or
+``s3://bucket/prefix``. S3 takes its endpoint from the standard ``AWS_ENDPOINT_URL``
+variable (``AWS_ENDPOINT_URL_S3`` first) and its credentials from the standard AWS chain
+(environment, profile, instance role); nothing here logs or stores a credential.
+
+The rest of the code never imports pyarrow.fs or boto: it calls ``join``, ``open_input``,
+``write_bytes``, ``read_table``, ``write_table``, ``list_files`` and friends.
+
+Writes are atomic: a local file is written under a temporary name in the same folder, then
+renamed into place; an S3 object becomes visible only when its upload completes. A reader
+therefore never sees half a file.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import posixpath
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Callable, Iterator, TypeVar
+from urllib.parse import urlparse
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+T = TypeVar("T")
+
+
+class StorageError(RuntimeError):
+    """A location could not be read or written (after retries, where retrying makes sense)."""
+
+
+class UnsafeKeyError(ValueError):
+    """A key derived from an input name would escape the prefix it belongs under."""
+
+
+@dataclass(frozen=True)
+class FileInfo:
+    """One object of a listing. ``version`` is the ETag on S3, the mtime in ns locally."""
+
+    uri: str
+    size: int
+    version: str
+
+
+def is_s3(location: str) -> bool:
+    return location.startswith("s3://")
+
+
+def _check_scheme(location: str) -> None:
+    if not isinstance(location, str) or not location:
+        raise ValueError(f"a location must be a non-empty string, got {location!r}")
+    scheme = urlparse(location).scheme
+    if scheme not in ("", "file", "s3") and not (len(scheme) == 1 and os.name == "nt"):
+        raise ValueError(
+            f"unsupported location {location!r}: use a local path, file:// or s3://bucket/prefix"
+        )
+    if scheme == "s3" and not urlparse(location).netloc:
+        raise ValueError(f"s3 location {location!r} has no bucket: use s3://bucket/prefix")
+
+
+def s3_filesystem() -> pafs.S3FileSystem:
+    """The S3 filesystem for the current environment (endpoint from AWS_ENDPOINT_URL).
+
+    Credentials are left to the AWS default chain; none is read or kept here.
+    """
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
+    kwargs: dict = {"region": region, "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=5)}
+    if endpoint:
+        parsed = urlparse(endpoint)
+        if parsed.scheme in ("http", "https"):
+            kwargs["scheme"] = parsed.scheme
+            kwargs["endpoint_override"] = parsed.netloc + parsed.path.rstrip("/")
+        else:
+            kwargs["endpoint_override"] = endpoint
+        # Local S3-compatible stores (moto, MinIO) use path-style addressing.
+        kwargs["force_virtual_addressing"] = False
+    return pafs.S3FileSystem(**kwargs)
+
+
+def resolve(location: str) -> tuple[pafs.FileSystem, str]:
+    """Return (filesystem, path inside it) for a location.
+
+    Raises:
+        ValueError: the location has an unsupported scheme or no bucket.
+    """
+    _check_scheme(location)
+    if is_s3(location):
+        parsed = urlparse(location)
+        return s3_filesystem(), (parsed.netloc + parsed.path).rstrip("/")
+    if location.startswith("file://"):
+        location = urlparse(location).path
+    return pafs.LocalFileSystem(), os.path.abspath(location)
+
+
+def normalize(location: str) -> str:
+    """Canonical form: ``s3://bucket/key`` (no trailing slash) or an absolute local path."""
+    _check_scheme(location)
+    if is_s3(location):
+        return location.rstrip("/")
+    _, path = resolve(location)
+    return path
+
+
+def join(location: str, *parts: str) -> str:
+    """Join path parts under a location, the way its scheme does (``/`` for S3)."""
+    if is_s3(location):
+        return posixpath.join(location.rstrip("/"), *parts)
+    return os.path.join(location, *parts)
+
+
+def basename(location: str) -> str:
+    return posixpath.basename(location.rstrip("/")) if is_s3(location) else os.path.basename(location)
+
+
+def safe_key(name: str) -> str:
+    """Turn an input-derived name into a key that stays inside its prefix.
+
+    Keeps letters, digits and ``._-``; anything else becomes ``_``. A name made only of dots
+    (``.``/``..``) or an empty name is refused, so that ``join(prefix, safe_key(x))`` can never
+    climb out of ``prefix``.
+
+    Raises:
+        UnsafeKeyError: nothing safe is left of the name.
+    """
+    cleaned = "".join(c if (c.isascii() and (c.isalnum() or c in "._-")) else "_" for c in name)
+    cleaned = cleaned.lstrip(".-") or ""
+    if not cleaned or set(cleaned) <= {"."}:
+        raise UnsafeKeyError(f"cannot derive a safe key from {name!r}")
+    return cleaned
+
+
+def retry(fn: Callable[[], T], what: str, attempts: int = 4, base_delay_s: float = 0.2) -> T:
+    """Call ``fn``, retrying transient I/O errors with exponential backoff.
+
+    ``FileNotFoundError`` and ``PermissionError`` are permanent and raised at once.
+
+    Raises:
+        StorageError: every attempt failed; the message names ``what`` and the last error.
+    """
+    for attempt in range(attempts):
+        try:
+            return fn()
+        except (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError):
+            raise
+        except OSError as err:
+            if attempt == attempts - 1:
+                raise StorageError(f"{what}: {err}") from err
+            time.sleep(base_delay_s * (2**attempt))
+    raise AssertionError("unreachable")
+
+
+def exists(location: str) -> bool:
+    fs, path = resolve(location)
+    info = retry(lambda: fs.get_file_info(path), f"stat {location}")
+    return info.type != pafs.FileType.NotFound
+
+
+def is_dir(location: str) -> bool:
+    fs, path = resolve(location)
+    info = retry(lambda: fs.get_file_info(path), f"stat {location}")
+    return info.type == pafs.FileType.Directory
+
+
+def stat(location: str) -> FileInfo:
+    """Size and version of one file.
+
+    Raises:
+        FileNotFoundError: there is no file at the location.
+    """
+    fs, path = resolve(location)
+    info = retry(lambda: fs.get_file_info(path), f"stat {location}")
+    if info.type != pafs.FileType.File:
+        raise FileNotFoundError(f"no file at {location}")
+    return FileInfo(uri=location, size=int(info.size or 0), version=str(info.mtime_ns or ""))
+
+
+def list_files(location: str, suffixes: tuple[str, ...] | None = None) -> list[FileInfo]:
+    """Every file under a location (recursively), sorted by URI.
+
+    Args:
+        location: a folder or prefix.
+        suffixes: keep only names ending with one of these (case-insensitive).
+
+    Raises:
+        FileNotFoundError: the location does not exist.
+    """
+    fs, path = resolve(location)
+    root_info = retry(lambda: fs.get_file_info(path), f"stat {location}")
+    if root_info.type == pafs.FileType.NotFound:
+        raise FileNotFoundError(f"nothing at {location}")
+    selector = pafs.FileSelector(path, recursive=True)
+    infos = retry(lambda: fs.get_file_info(selector), f"list {location}")
+    out = []
+    for info in infos:
+        if info.type != pafs.FileType.File:
+            continue
+        name = info.base_name
+        if name.startswith(".") or name.startswith("_"):
+            continue  # hidden files, temporaries and commit records
+        if suffixes and not name.lower().endswith(tuple(s.lower() for s in suffixes)):
+            continue
+        uri = "s3://" + info.path if is_s3(location) else info.path
+        out.append(FileInfo(uri=uri, size=int(info.size or 0), version=str(info.mtime_ns or "")))
+    return sorted(out, key=lambda f: f.uri)
+
+
+def makedirs(location: str) -> None:
+    fs, path = resolve(location)
+    if not is_s3(location):
+        retry(lambda: fs.create_dir(path, recursive=True), f"create {location}")
+
+
+class _RawAdapter(io.RawIOBase):
+    """Let ``io.BufferedReader`` read ahead over a pyarrow random-access file.
+
+    Without read-ahead every small read of a demuxer is one ranged GET on S3.
+    """
+
+    def __init__(self, native: pa.NativeFile):
+        self._native = native
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        data = self._native.read(len(buffer))
+        n = len(data)
+        buffer[:n] = data
+        return n
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        return self._native.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self._native.tell()
+
+    def close(self) -> None:
+        self._native.close()
+        super().close()
+
+
+def open_input(location: str, buffer_size: int = 1 << 20) -> io.BufferedReader:
+    """Open a file for reading: seekable, buffered, usable as a plain Python file object.
+
+    Raises:
+        FileNotFoundError: there is no file at the location.
+        StorageError: the store kept failing.
+    """
+    fs, path = resolve(location)
+    native = retry(lambda: fs.open_input_file(path), f"open {location}")
+    return io.BufferedReader(_RawAdapter(native), buffer_size=buffer_size)
+
+
+def read_bytes(location: str) -> bytes:
+    fs, path = resolve(location)
+
+    def _read() -> bytes:
+        with fs.open_input_stream(path) as f:
+            return f.read()
+
+    return retry(_read, f"read {location}")
+
+
+def write_bytes(location: str, data: bytes) -> None:
+    """Write a whole file atomically (temporary name + rename locally; one upload on S3)."""
+    fs, path = resolve(location)
+
+    def _write() -> None:
+        if is_s3(location):
+            with fs.open_output_stream(path) as f:
+                f.write(data)
+            return
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = os.path.join(os.path.dirname(path), f".tmp-{uuid.uuid4().hex}-{os.path.basename(path)}")
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+
+    retry(_write, f"write {location}")
+
+
+def read_json(location: str) -> dict:
+    return json.loads(read_bytes(location).decode("utf-8"))
+
+
+def write_json(location: str, obj) -> None:
+    write_bytes(location, (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode())
+
+
+def read_table(location: str, columns: list[str] | None = None) -> pa.Table:
+    """Read a Parquet file or a folder of Parquet files (hidden and ``_`` files ignored).
+
+    Raises:
+        FileNotFoundError: nothing at the location.
+    """
+    fs, path = resolve(location)
+    info = retry(lambda: fs.get_file_info(path), f"stat {location}")
+    if info.type == pafs.FileType.NotFound:
+        raise FileNotFoundError(f"no table at {location}")
+    return retry(lambda: pq.read_table(path, filesystem=fs, columns=columns), f"read table {location}")
+
+
+def write_table(table: pa.Table, location: str) -> None:
+    """Write one Parquet file atomically."""
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink, compression="zstd")
+    write_bytes(location, sink.getvalue().to_pybytes())
+
+
+def delete(location: str) -> None:
+    """Delete a file or a whole folder/prefix; a missing location is not an error."""
+    fs, path = resolve(location)
+    info = retry(lambda: fs.get_file_info(path), f"stat {location}")
+    if info.type == pafs.FileType.Directory:
+        retry(lambda: fs.delete_dir(path), f"delete {location}")
+    elif info.type == pafs.FileType.File:
+        retry(lambda: fs.delete_file(path), f"delete {location}")
+
+
+def download_dir(location: str, local_dir: str) -> None:
+    """Copy a folder/prefix to a local folder."""
+    fs, path = resolve(location)
+    pafs.copy_files(path, local_dir, source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+
+
+def upload_dir(local_dir: str, location: str) -> None:
+    """Copy a local folder to a location; every file lands atomically."""
+    for root, _, files in os.walk(local_dir):
+        for name in sorted(files):
+            src = os.path.join(root, name)
+            rel = os.path.relpath(src, local_dir).replace(os.sep, "/")
+            with open(src, "rb") as f:
+                write_bytes(join(location, *rel.split("/")), f.read())
+
+
+def iter_lines(location: str) -> Iterator[str]:
+    for line in read_bytes(location).decode("utf-8").splitlines():
+        yield line

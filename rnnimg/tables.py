@@ -1,0 +1,57 @@
+"""The Parquet schemas of rnnimg's output tables, in one place.
+
+Store layout of a labelling run (``OUT`` is a local folder or ``s3://bucket/prefix``)::
+
+    OUT/clips/shard-00000.parquet      one row per clip (CLIPS)
+    OUT/videos/shard-00000.parquet     one row per input video (VIDEOS)
+    OUT/_commits/shard-00000.json      completion record of a shard, written last
+    OUT/_run/manifest.parquet          the listing of the input, made once per run
+    OUT/_run/config.json               run id, model id, model config, clip plan, parameters
+    OUT/run.json                       run summary, written at the end
+
+Every table also carries the run's config as Parquet key-value metadata (``rnnimg.run``).
+"""
+
+from __future__ import annotations
+
+import json
+
+import pyarrow as pa
+
+CLIPS = pa.schema(
+    [
+        pa.field("video_uri", pa.string(), nullable=False),  # the input video
+        pa.field("clip_index", pa.int32(), nullable=False),  # position of the clip in its video, from 0
+        pa.field("start_s", pa.float64(), nullable=False),  # clip window start, seconds of presentation time
+        pa.field("end_s", pa.float64(), nullable=False),  # clip window end, seconds
+        pa.field("label", pa.string(), nullable=False),  # predicted class name
+        pa.field("score", pa.float32(), nullable=False),  # softmax probability of that class
+        pa.field("model_id", pa.string(), nullable=False),  # first 16 hex digits of the weights' SHA-256
+        pa.field("run_id", pa.string(), nullable=False),  # the labelling run
+    ]
+)
+
+VIDEO_STATUSES = ("ok", "partial", "failed")
+
+VIDEOS = pa.schema(
+    [
+        pa.field("video_uri", pa.string(), nullable=False),  # the input video
+        pa.field("status", pa.string(), nullable=False),  # ok | partial (clips before an error kept) | failed
+        pa.field("duration_s", pa.float64()),  # declared duration; null when the file could not be opened
+        pa.field("clips", pa.int32(), nullable=False),  # clips labelled (rows in the clips table)
+        pa.field("error_type", pa.string()),  # null when ok; e.g. open, no_video_stream, decode, truncated
+        pa.field("error", pa.string()),  # null when ok; a one-line reason naming the video
+        pa.field("model_id", pa.string(), nullable=False),
+        pa.field("run_id", pa.string(), nullable=False),
+    ]
+)
+
+
+def with_run_metadata(schema: pa.Schema, run_config: dict) -> pa.Schema:
+    return schema.with_metadata({"rnnimg.run": json.dumps(run_config, sort_keys=True)})
+
+
+def table_from_rows(rows: list[dict], schema: pa.Schema) -> pa.Table:
+    """Build a table with exactly ``schema``'s columns, in its order."""
+    columns = {f.name: [r.get(f.name) for r in rows] for f in schema}
+    return pa.table(columns, schema=schema)

@@ -1,0 +1,58 @@
+"""The command line explains itself and fails in one line, never with a traceback."""
+
+import subprocess
+import sys
+
+import pytest
+
+COMMANDS = ["synth", "train", "label"]
+
+
+def run(*args):
+    return subprocess.run([sys.executable, "-m", "rnnimg.cli", *args], capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize("command", [[], *([c] for c in COMMANDS)])
+def test_help_runs(command):
+    result = run(*command, "--help")
+    assert result.returncode == 0
+    assert "usage:" in result.stdout
+
+
+def test_every_option_of_every_command_has_help():
+    from rnnimg.cli import build_parser
+
+    parser = build_parser()
+    subparsers = next(a for a in parser._actions if a.dest == "command").choices
+    assert set(COMMANDS) <= set(subparsers)
+    for name, sub in subparsers.items():
+        for action in sub._actions:
+            assert action.help and len(action.help) > 10, f"rnnimg {name} {action.option_strings or action.dest} has no help"
+
+
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["train", "/nonexistent/manifest.parquet", "--out", "/tmp/x"], "no manifest at /nonexistent/manifest.parquet"),
+        (["train", "m.parquet", "--out", "/tmp/x", "--epochs", "0"], "expected an integer >= 1, got 0"),
+        (["train", "m.parquet"], "--out"),
+        (["label", "/nonexistent/videos", "--model", "/nonexistent/model", "--out", "/tmp/x"], "no exported model at /nonexistent/model"),
+        (["label", "ftp://host/videos", "--model", "ftp://m", "--out", "/tmp/x"], "unsupported location"),
+        (["synth", "/tmp/x", "--videos", "-3"], "expected an integer >= 1, got -3"),
+        (["frobnicate"], "invalid choice"),
+    ],
+)
+def test_bad_arguments_fail_in_one_line(args, needle):
+    result = run(*args)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    assert needle in lines[0]
+
+
+def test_label_refuses_an_empty_folder(tmp_path, untrained_model):
+    (tmp_path / "empty").mkdir()
+    result = run("label", str(tmp_path / "empty"), "--model", untrained_model, "--out", str(tmp_path / "out"))
+    assert result.returncode == 2
+    assert "no videos found" in result.stderr and "Traceback" not in result.stderr

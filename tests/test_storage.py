@@ -1,0 +1,70 @@
+import os
+
+import pyarrow as pa
+import pytest
+
+from rnnimg import storage
+
+
+def test_local_write_is_atomic_and_leaves_no_temporaries(tmp_path):
+    target = str(tmp_path / "a" / "b.bin")
+    storage.write_bytes(target, b"one")
+    storage.write_bytes(target, b"two")
+    assert storage.read_bytes(target) == b"two"
+    assert os.listdir(tmp_path / "a") == ["b.bin"]
+
+
+def test_listing_skips_hidden_and_underscore_files(tmp_path):
+    for name in ("x.mp4", "sub/y.MP4", ".tmp-1-z.mp4", "_commits/s.json", "notes.txt"):
+        storage.write_bytes(str(tmp_path / name), b"1")
+    names = [os.path.relpath(f.uri, tmp_path) for f in storage.list_files(str(tmp_path), (".mp4",))]
+    assert names == ["sub/y.MP4", "x.mp4"]
+
+
+def test_missing_location_raises_file_not_found(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        storage.list_files(str(tmp_path / "missing"))
+    with pytest.raises(FileNotFoundError):
+        storage.read_table(str(tmp_path / "missing"))
+
+
+@pytest.mark.parametrize("location", ["ftp://host/x", "s3://", "", "gs://bucket/x"])
+def test_unsupported_locations_are_refused(location):
+    with pytest.raises(ValueError):
+        storage.resolve(location)
+
+
+@pytest.mark.parametrize("name, key", [("clip 1.mp4", "clip_1.mp4"), ("vidéo.mp4", "vid_o.mp4"), ("-rf.mp4", "rf.mp4"), ("../../etc/passwd", "_.._etc_passwd")])
+def test_safe_key_never_escapes_its_prefix(name, key):
+    assert storage.safe_key(name) == key
+    assert "/" not in storage.safe_key(name)
+
+
+@pytest.mark.parametrize("name", ["..", ".", "", "..."])
+def test_safe_key_refuses_names_with_nothing_safe(name):
+    with pytest.raises(storage.UnsafeKeyError):
+        storage.safe_key(name)
+
+
+@pytest.mark.s3
+def test_s3_round_trip_tables_listing_and_buffered_reads(s3_bucket):
+    prefix = s3_bucket + "/data"
+    storage.write_bytes(prefix + "/v/a.mp4", b"0123456789" * 1000)
+    storage.write_bytes(prefix + "/v/b.mp4", b"x")
+    storage.write_table(pa.table({"n": [1, 2, 3]}), prefix + "/t/part-0.parquet")
+    assert [f.uri for f in storage.list_files(prefix + "/v")] == [prefix + "/v/a.mp4", prefix + "/v/b.mp4"]
+    assert storage.read_table(prefix + "/t").column("n").to_pylist() == [1, 2, 3]
+    with storage.open_input(prefix + "/v/a.mp4") as f:
+        f.seek(9995)
+        assert f.read(5) == b"56789"
+        f.seek(3)
+        assert f.read(4) == b"3456"
+    assert storage.exists(prefix + "/v/a.mp4") and not storage.exists(prefix + "/v/zz.mp4")
+    storage.delete(prefix + "/v")
+    assert not storage.exists(prefix + "/v/a.mp4")
+
+
+@pytest.mark.s3
+def test_s3_missing_bucket_is_a_clear_error(s3_server):
+    with pytest.raises((FileNotFoundError, storage.StorageError, OSError)):
+        storage.read_bytes("s3://no-such-bucket-rnnimg/x")
