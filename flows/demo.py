@@ -25,8 +25,8 @@ from rnnimg.synth import SynthConfig, make_archive  # noqa: E402
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="demo-output", help="where everything goes (folder or s3:// prefix)")
-    parser.add_argument("--videos", type=int, default=600, help="labelled synthetic videos (default 600)")
-    parser.add_argument("--epochs", type=int, default=10, help="training epochs (default 10)")
+    parser.add_argument("--videos", type=int, default=1000, help="labelled synthetic videos (default 1000)")
+    parser.add_argument("--epochs", type=int, default=12, help="training epochs (default 12)")
     parser.add_argument("--workers", type=int, default=2, help="Ray Train workers (default 2)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()

@@ -29,7 +29,7 @@ def train_crnn(
     workers: int = 2,
     name: str = "crnn",
     batch_size: int = 16,
-    clips_per_video: int = 3,
+    clips_per_video: int = 1,
     use_gpu: bool = False,
     ray_address: str | None = None,
 ) -> dict:

@@ -88,7 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", default="crnn", help="run name; the same name resumes (default crnn)")
     p.add_argument("--batch-size", type=_positive_int, default=16, help="clips per step per worker (default 16)")
     p.add_argument("--lr", type=_positive_float, default=3e-3, help="peak learning rate, AdamW with cosine decay (default 0.003)")
-    p.add_argument("--clips-per-video", type=_positive_int, default=3, help="random clips per training video per epoch (default 3)")
+    p.add_argument("--clips-per-video", type=_positive_int, default=1, help="random clips per training video per epoch (default 1)")
     p.add_argument("--rnn", choices=("lstm", "gru"), default="lstm", help="recurrent layer type (default lstm)")
     p.add_argument("--rnn-impl", choices=("torch", "reference"), default="torch",
                    help="torch: torch.nn kernels; reference: rnnimg.nn cells written from the equations (default torch)")

@@ -18,6 +18,9 @@ score 0.5, not chance.)
 from __future__ import annotations
 
 import io
+import multiprocessing
+import os
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -126,11 +129,21 @@ def encode_video(frames: np.ndarray, fps: int, codec: str = "libx264", crf: int 
     return buffer.getvalue()
 
 
-def make_archive(out: str, config: SynthConfig = SynthConfig()) -> str:
+def _write_one(job: tuple[str, str, int, SynthConfig]) -> None:
+    uri, label, video_seed, config = job
+    frames = render_video(label, np.random.default_rng(video_seed), config.size, config.fps, config.seconds)
+    storage.write_bytes(uri, encode_video(frames, config.fps, crf=config.crf))
+
+
+def make_archive(out: str, config: SynthConfig = SynthConfig(), processes: int | None = None) -> str:
     """Write ``config.videos + config.unlabelled`` videos and a manifest under ``out``.
 
     Layout: ``OUT/videos/<split>/<split>-<nnnnn>.mp4`` and ``OUT/manifest.parquet`` with
-    columns ``video_uri``, ``label`` (null when unlabelled), ``split``.
+    columns ``video_uri``, ``label`` (null when unlabelled), ``split``. Each video has its own
+    seed drawn from ``config.seed``, so the archive is the same however many processes render it.
+
+    Args:
+        processes: rendering processes (default: one per CPU core).
 
     Returns:
         The manifest's location.
@@ -141,23 +154,28 @@ def make_archive(out: str, config: SynthConfig = SynthConfig()) -> str:
     n_train = config.videos - n_val - n_test
     if n_train < 1:
         raise ValueError(f"videos={config.videos} leaves no training videos after the val/test splits")
-    splits = ["train"] * n_train + ["val"] * n_val + ["test"] * n_test + ["unlabelled"] * config.unlabelled
-    # Balanced labels within each split, in random order.
-    rows = {"video_uri": [], "label": [], "split": []}
-    counters: dict[str, int] = {}
-    for split in ("train", "val", "test", "unlabelled"):
-        count = splits.count(split)
-        labels = [LABELS[i % len(LABELS)] for i in range(count)]
+    counts = {"train": n_train, "val": n_val, "test": n_test, "unlabelled": config.unlabelled}
+    rows: dict[str, list] = {"video_uri": [], "label": [], "split": []}
+    jobs = []
+    for split, count in counts.items():
+        labels = [LABELS[i % len(LABELS)] for i in range(count)]  # balanced within each split
         rng.shuffle(labels)
-        for label in labels:
-            index = counters.get(split, 0)
-            counters[split] = index + 1
+        for index, label in enumerate(labels):
             uri = storage.join(out, "videos", split, f"{split}-{index:05d}.mp4")
-            frames = render_video(label, rng, config.size, config.fps, config.seconds)
-            storage.write_bytes(uri, encode_video(frames, config.fps, crf=config.crf))
+            jobs.append((uri, label, int(rng.integers(2**63)), config))
             rows["video_uri"].append(storage.normalize(uri))
             rows["label"].append(None if split == "unlabelled" else label)
             rows["split"].append(split)
+    workers = max(1, processes or os.cpu_count() or 1)
+    if workers == 1 or len(jobs) < 8:
+        for job in jobs:
+            _write_one(job)
+    else:
+        # Spawn, not fork: the parent may hold threads (Ray, the S3 client) that fork would break.
+        context = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
+            for _ in pool.map(_write_one, jobs, chunksize=8):
+                pass
     manifest = storage.join(out, "manifest.parquet")
     table = pa.table(rows, schema=pa.schema([("video_uri", pa.string()), ("label", pa.string()), ("split", pa.string())]))
     table = table.replace_schema_metadata({"rnnimg.synth": str(asdict(config))})

@@ -45,8 +45,8 @@ class TrainConfig:
     epochs: int = 12  # passes over the training videos
     batch_size: int = 16  # clips per optimiser step, per worker
     lr: float = 3e-3  # peak AdamW learning rate (cosine decay to 5% over the run)
-    weight_decay: float = 1e-4  # AdamW weight decay
-    clips_per_video: int = 3  # random clips decoded from each training video per epoch
+    weight_decay: float = 0.05  # AdamW weight decay
+    clips_per_video: int = 1  # random clips decoded from each training video per epoch
     workers: int = 2  # Ray Train workers (processes, DDP)
     use_gpu: bool = False  # one GPU per worker
     seed: int = 0  # seeds model init and clip sampling
@@ -439,8 +439,12 @@ def train(
     result = trainer.fit()
     best_checkpoint, best_metrics = _best(result)
     model_uri = storage.join(out, "model")
+    # The best checkpoint may be an early one: the full history is in the latest.
+    with result.checkpoint.as_directory() as directory:
+        with open(os.path.join(directory, "history.json")) as f:
+            history = json.load(f)
     with best_checkpoint.as_directory() as directory:
-        history = export_model(directory, model_uri, best_metrics)
+        export_model(directory, model_uri, best_metrics, history)
     return TrainResult(model_uri=model_uri, run_uri=storage.join(runs, name), metrics=best_metrics, history=history)
 
 
@@ -455,15 +459,17 @@ def _best(result):
     return checkpoint, dict(metrics)
 
 
-def export_model(checkpoint_dir: str, model_uri: str, metrics: dict) -> list:
-    """Write a checkpoint's model as ``model.safetensors`` + ``config.json`` + ``labels.json`` + ``metrics.json``."""
+def export_model(checkpoint_dir: str, model_uri: str, metrics: dict, history: list) -> str:
+    """Write a checkpoint's model as ``model.safetensors`` + ``config.json`` + ``labels.json`` + ``metrics.json``.
+
+    Returns:
+        The model id: the first 16 hex digits of the weights' SHA-256.
+    """
     from safetensors.torch import save
 
     state = torch.load(os.path.join(checkpoint_dir, "state.pt"), map_location="cpu", weights_only=True)
     with open(os.path.join(checkpoint_dir, "config.json")) as f:
         config = json.load(f)
-    with open(os.path.join(checkpoint_dir, "history.json")) as f:
-        history = json.load(f)
     with open(os.path.join(checkpoint_dir, "train_config.json")) as f:
         train_config = json.load(f)
     weights = save({k: v.contiguous() for k, v in state["model"].items()})
@@ -473,7 +479,7 @@ def export_model(checkpoint_dir: str, model_uri: str, metrics: dict) -> list:
     storage.write_json(storage.join(model_uri, "labels.json"), list(config["labels"]))
     clean = {k: v for k, v in metrics.items() if isinstance(v, (int, float, str))}
     storage.write_json(storage.join(model_uri, "metrics.json"), {"model_id": model_id, "best": clean, "history": history, "train_config": train_config})
-    return history
+    return model_id
 
 
 def load_model(model_uri: str, device: str | torch.device = "cpu") -> tuple[CRNN, CRNNConfig, str]:
