@@ -42,7 +42,7 @@ log = logging.getLogger("rnnimg.label")
 class LabelConfig:
     """Scale and batching of a labelling run (the clip plan comes from the model's config)."""
 
-    videos_per_shard: int = 16  # videos committed together; the unit of resume
+    videos_per_shard: int = 32  # videos committed together; the unit of resume and of driver memory
     batch_size: int = 32  # clips per model call
     actors: int = 1  # Predictor actors (model replicas)
     actor_cpus: float = 1.0  # CPUs reserved per Predictor actor
@@ -50,6 +50,8 @@ class LabelConfig:
     decode_cpus: float = 1.0  # CPUs reserved per decode task
     decode_memory_mb: int = 512  # memory reserved per decode task (one decoder + one batch of clips)
     stride_seconds: float | None = None  # override the model's clip stride (None: the model's)
+    range_seconds: float = 600.0  # a longer video is split into ranges of about this many seconds
+    min_segment_seconds: float = 0.0  # segments shorter than this are absorbed by a neighbour (0: off)
 
     def __post_init__(self) -> None:
         for name in ("videos_per_shard", "batch_size", "actors"):
@@ -62,6 +64,10 @@ class LabelConfig:
             raise ValueError(f"gpus_per_actor must be >= 0, got {self.gpus_per_actor}")
         if self.stride_seconds is not None and not self.stride_seconds > 0:
             raise ValueError(f"stride_seconds must be > 0, got {self.stride_seconds}")
+        if not self.range_seconds > 0:
+            raise ValueError(f"range_seconds must be > 0, got {self.range_seconds}")
+        if self.min_segment_seconds < 0:
+            raise ValueError(f"min_segment_seconds must be >= 0, got {self.min_segment_seconds}")
 
 
 class LabelError(RuntimeError):
@@ -71,11 +77,45 @@ class LabelError(RuntimeError):
 # ----------------------------------------------------------------------------- decode (Ray tasks)
 
 
-def decode_video(batch: dict, spec: dict, frame_size: int, clips_per_batch: int) -> Iterator[dict]:
-    """Ray Data UDF: one input video -> batches of clips, then one status row.
+def plan_video(row: dict, spec: dict, range_seconds: float) -> list[dict]:
+    """Ray Data UDF: one input video -> its work units (time ranges of whole clips).
 
-    Rows with ``is_status`` carry the video's outcome (and dummy frames, so that every batch
-    has one schema); the others carry a clip's frames, uint8 (T, H, W, C).
+    Opens the video's header only (no decoding) to read its duration, plans the clips and
+    cuts them into ranges of about ``range_seconds``, so that one long video spreads over many
+    decode tasks. A video that cannot be opened becomes one unit carrying the error.
+    """
+    from rnnimg.video.decode import VideoError, VideoReader
+
+    clip_spec = ClipSpec(**spec)
+    unit = {"shard": int(row["shard"]), "video_uri": str(row["video_uri"]), "range_index": 0, "ranges_total": 1,
+            "clip_start": 0, "clip_stop": 0, "duration_s": float("nan"), "error_type": "", "error": ""}
+    try:
+        with VideoReader(unit["video_uri"]) as reader:
+            duration = reader.duration_s
+    except VideoError as err:
+        return [{**unit, "error_type": err.error_type, "error": err.message}]
+    except Exception as err:  # noqa: BLE001 - one bad video must never stop the job: record it instead
+        log.exception("unexpected error opening %s", unit["video_uri"])
+        return [{**unit, "error_type": "unexpected", "error": f"{unit['video_uri']}: {type(err).__name__}: {err}"[:500]}]
+    n_clips = len(uniform_clips(duration, clip_spec))
+    if n_clips == 0:
+        return [{**unit, "duration_s": duration, "error_type": "empty", "error": f"{unit['video_uri']}: the video stream has no duration (no frames)"}]
+    per_range = max(1, int(range_seconds // clip_spec.stride_seconds))
+    starts = list(range(0, n_clips, per_range))
+    return [
+        {**unit, "range_index": i, "ranges_total": len(starts), "clip_start": a, "clip_stop": min(a + per_range, n_clips), "duration_s": duration}
+        for i, a in enumerate(starts)
+    ]
+
+
+def decode_video(batch: dict, spec: dict, frame_size: int, clips_per_batch: int) -> Iterator[dict]:
+    """Ray Data UDF: one work unit (a video, or a range of its clips) -> batches of clips, then one status row.
+
+    The unit comes from ``plan_video`` (columns ``range_index``, ``ranges_total``,
+    ``clip_start``, ``clip_stop``, ``duration_s``, ``error_type``, ``error``); a batch with only
+    ``video_uri`` and ``shard`` means the whole video. Rows with ``is_status`` carry the unit's
+    outcome (and dummy frames, so that every batch has one schema); the others carry a clip's
+    frames, uint8 (T, H, W, C).
     """
     from rnnimg.video.decode import VideoError, VideoReader
 
@@ -83,6 +123,9 @@ def decode_video(batch: dict, spec: dict, frame_size: int, clips_per_batch: int)
     t = clip_spec.frames_per_clip
     video_uri = str(batch["video_uri"][0])
     shard = int(batch["shard"][0])
+    has_range = "range_index" in batch
+    range_index = int(batch["range_index"][0]) if has_range else 0
+    ranges_total = int(batch["ranges_total"][0]) if has_range else 1
     pending: list[tuple] = []
     count, duration, status, error_type, error = 0, None, "ok", None, None
 
@@ -97,6 +140,8 @@ def decode_video(batch: dict, spec: dict, frame_size: int, clips_per_batch: int)
             "end_s": np.array([c.end_s for c, _ in items] if items else [0.0], np.float64),
             "frames": frames,  # (N, T, H, W, C) uint8
             "is_status": np.full(n, is_status),
+            "range_index": np.full(n, range_index, np.int64),
+            "ranges_total": np.full(n, ranges_total, np.int64),
             "status": np.array([status_fields.get("status", "")] * n, dtype=object),
             "error_type": np.array([status_fields.get("error_type") or ""] * n, dtype=object),
             "error": np.array([status_fields.get("error") or ""] * n, dtype=object),
@@ -104,10 +149,18 @@ def decode_video(batch: dict, spec: dict, frame_size: int, clips_per_batch: int)
             "clips": np.full(n, status_fields.get("clips", 0), np.int64),
         }
 
+    if has_range and str(batch["error_type"][0]):
+        # plan_video already found this video unreadable: report it, do not open it again.
+        probed = float(batch["duration_s"][0])
+        yield clip_batch([], is_status=True, status="failed", error_type=str(batch["error_type"][0]), error=str(batch["error"][0]),
+                         duration_s=None if np.isnan(probed) else probed, clips=0)
+        return
     try:
         with VideoReader(video_uri, (frame_size, frame_size)) as reader:
             duration = reader.duration_s
             plan = uniform_clips(duration, clip_spec)
+            if has_range:
+                plan = plan[int(batch["clip_start"][0]) : int(batch["clip_stop"][0])]
             if not plan:
                 raise VideoError("empty", f"{video_uri}: the video stream has no duration (no frames)")
             for clip, frames in reader.clips(plan):
@@ -190,9 +243,11 @@ class LabelResult:
     partial: int
     failed: int
     clips: int
+    segments: int
     shards_done: int  # shards written by this invocation
     shards_skipped: int  # shards already committed by an earlier invocation
-    seconds: float
+    seconds: float  # wall time of this invocation
+    timings: dict  # seconds per phase of this invocation: plan (listing, model), pipeline, summary
 
     def summary(self) -> dict:
         return asdict(self)
@@ -284,6 +339,7 @@ def label(
     committed = {i for i in range(len(all_shards)) if storage.exists(_commit_uri(out, i))}
     pending = [i for i in range(len(all_shards)) if i not in committed]
     log.info("run %s: %d videos in %d shards, %d already committed", run["run_id"], len(rows), len(all_shards), len(committed))
+    timings = {"plan": time.perf_counter() - started}
 
     if pending:
         ensure_ray(ray_address)
@@ -292,6 +348,8 @@ def label(
         if gpus == 0 and ray.cluster_resources().get("GPU", 0) >= 1:
             gpus = 1.0
         ds = ray.data.from_items(items, override_num_blocks=min(len(items), 4096))
+        # Header-only probe: a long video becomes several ranges, decoded by different tasks.
+        ds = ds.flat_map(plan_video, fn_kwargs={"spec": spec.to_dict(), "range_seconds": config.range_seconds}, num_cpus=0.25)
         ds = ds.map_batches(
             decode_video,
             batch_size=1,
@@ -309,10 +367,14 @@ def label(
             num_cpus=config.actor_cpus,
             num_gpus=gpus,
         )
-        _collect_and_commit(ds, out, run, all_shards, pending)
+        _collect_and_commit(ds, out, run, all_shards, pending, config.min_segment_seconds)
 
-    result = _summarize(out, run, rows, len(pending), len(committed), time.perf_counter() - started)
-    storage.write_json(storage.join(out, "run.json"), {**result.summary(), "model_uri": model_uri, "clip_spec": spec.to_dict(), "label_config": asdict(config)})
+    timings["pipeline"] = time.perf_counter() - started - timings["plan"]
+    result = _summarize(out, run, rows, len(pending), len(committed), started, timings)
+    storage.write_json(
+        storage.join(out, "run.json"),
+        {**result.summary(), "model_uri": model_uri, "clip_spec": spec.to_dict(), "label_config": asdict(config), "finished_at": time.time()},
+    )
     return result
 
 
@@ -320,59 +382,101 @@ def _commit_uri(out: str, shard: int) -> str:
     return storage.join(out, "_commits", f"shard-{shard:05d}.json")
 
 
-def _collect_and_commit(ds, out: str, run: dict, all_shards: list[list[VideoRow]], pending: list[int]) -> None:
-    """Stream the predictions; write each shard's tables as soon as all its videos are in."""
-    expected = {i: len(all_shards[i]) for i in pending}
-    clip_rows: dict[int, list[dict]] = {i: [] for i in pending}
-    video_rows: dict[int, list[dict]] = {i: [] for i in pending}
+def _collect_and_commit(ds, out: str, run: dict, all_shards: list[list[VideoRow]], pending: list[int], min_segment_seconds: float) -> None:
+    """Stream the predictions; write each shard's tables as soon as all its videos are in.
+
+    Rows are keyed (clip: video + clip index; status: video + range), so a row that arrives
+    twice, e.g. from a retried task, is stored once.
+    """
+    remaining = {i: {row.video_uri for row in all_shards[i]} for i in pending}
+    clips: dict[int, dict[tuple, dict]] = {i: {} for i in pending}
+    ranges: dict[int, dict[str, dict[int, dict]]] = {i: {} for i in pending}
     meta = {"run_id": run["run_id"], "model_id": run["model_id"]}
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
         for j in range(len(batch["video_uri"])):
-            shard = int(batch["shard"][j])
-            if batch["is_status"][j]:
-                duration = float(batch["duration_s"][j])
-                video_rows[shard].append(
-                    {
-                        "video_uri": str(batch["video_uri"][j]),
-                        "status": str(batch["status"][j]),
-                        "duration_s": None if np.isnan(duration) else duration,
-                        "clips": int(batch["clips"][j]),
-                        "error_type": str(batch["error_type"][j]) or None,
-                        "error": str(batch["error"][j]) or None,
-                        **meta,
-                    }
-                )
-            else:
-                clip_rows[shard].append(
-                    {
-                        "video_uri": str(batch["video_uri"][j]),
-                        "clip_index": int(batch["clip_index"][j]),
-                        "start_s": float(batch["start_s"][j]),
-                        "end_s": float(batch["end_s"][j]),
-                        "label": str(batch["label"][j]),
-                        "score": float(batch["score"][j]),
-                        **meta,
-                    }
-                )
-            if len(video_rows[shard]) == expected[shard]:
-                _commit_shard(out, shard, run, clip_rows.pop(shard), video_rows.pop(shard))
-                expected.pop(shard)
-    if expected:
-        raise RuntimeError(f"the pipeline ended with shards {sorted(expected)} incomplete")
+            shard, uri = int(batch["shard"][j]), str(batch["video_uri"][j])
+            if shard not in remaining:
+                continue  # a late duplicate of an already committed shard
+            if not batch["is_status"][j]:
+                key = (uri, int(batch["clip_index"][j]))
+                clips[shard][key] = {
+                    "video_uri": uri,
+                    "clip_index": key[1],
+                    "start_s": float(batch["start_s"][j]),
+                    "end_s": float(batch["end_s"][j]),
+                    "label": str(batch["label"][j]),
+                    "score": float(batch["score"][j]),
+                    **meta,
+                }
+                continue
+            video_ranges = ranges[shard].setdefault(uri, {})
+            duration = float(batch["duration_s"][j])
+            video_ranges[int(batch["range_index"][j])] = {
+                "status": str(batch["status"][j]),
+                "clips": int(batch["clips"][j]),
+                "error_type": str(batch["error_type"][j]) or None,
+                "error": str(batch["error"][j]) or None,
+                "duration_s": None if np.isnan(duration) else duration,
+                "ranges_total": int(batch["ranges_total"][j]),
+            }
+            if len(video_ranges) == video_ranges[int(batch["range_index"][j])]["ranges_total"]:
+                remaining[shard].discard(uri)
+            if not remaining[shard]:
+                videos = [_video_row(uri, parts, meta) for uri, parts in ranges.pop(shard).items()]
+                _commit_shard(out, shard, run, list(clips.pop(shard).values()), videos, min_segment_seconds)
+                remaining.pop(shard)
+    if remaining:
+        raise RuntimeError(f"the pipeline ended with shards {sorted(remaining)} incomplete")
 
 
-def _commit_shard(out: str, shard: int, run: dict, clips: list[dict], videos: list[dict]) -> None:
+def _video_row(uri: str, parts: dict[int, dict], meta: dict) -> dict:
+    """One video's row from the status of each of its ranges."""
+    ordered = [parts[i] for i in sorted(parts)]
+    clips = sum(p["clips"] for p in ordered)
+    first_error = next((p for p in ordered if p["error_type"]), None)
+    if first_error is None:
+        status = "ok"
+    else:
+        status = "partial" if clips else "failed"
+    return {
+        "video_uri": uri,
+        "status": status,
+        "duration_s": next((p["duration_s"] for p in ordered if p["duration_s"] is not None), None),
+        "clips": clips,
+        "error_type": first_error["error_type"] if first_error else None,
+        "error": first_error["error"] if first_error else None,
+        **meta,
+    }
+
+
+def _commit_shard(out: str, shard: int, run: dict, clips: list[dict], videos: list[dict], min_segment_seconds: float) -> None:
+    """Write a shard's three tables, each atomically, then its completion record."""
+    from rnnimg.segments import merge_segments
+
     name = f"shard-{shard:05d}.parquet"
     clips.sort(key=lambda r: (r["video_uri"], r["clip_index"]))
     videos.sort(key=lambda r: r["video_uri"])
+    segments = []
+    by_video: dict[str, list[dict]] = {}
+    for row in clips:
+        by_video.setdefault(row["video_uri"], []).append(row)
+    for uri, rows in by_video.items():
+        for segment in merge_segments(rows, min_segment_seconds):
+            segments.append({"video_uri": uri, **segment, "model_id": run["model_id"], "run_id": run["run_id"]})
     storage.write_table(tables.table_from_rows(clips, tables.with_run_metadata(tables.CLIPS, run)), storage.join(out, "clips", name))
+    storage.write_table(tables.table_from_rows(segments, tables.with_run_metadata(tables.SEGMENTS, run)), storage.join(out, "segments", name))
     storage.write_table(tables.table_from_rows(videos, tables.with_run_metadata(tables.VIDEOS, run)), storage.join(out, "videos", name))
     counts = {s: sum(1 for v in videos if v["status"] == s) for s in tables.VIDEO_STATUSES}
-    storage.write_json(_commit_uri(out, shard), {"shard": shard, "clips": len(clips), "videos": len(videos), **counts, "committed_at": time.time()})
+    storage.write_json(
+        _commit_uri(out, shard),
+        {"shard": shard, "clips": len(clips), "segments": len(segments), "videos": len(videos), **counts, "committed_at": time.time()},
+    )
 
 
-def _summarize(out: str, run: dict, rows: list[VideoRow], done: int, skipped: int, seconds: float) -> LabelResult:
+def _summarize(out: str, run: dict, rows: list[VideoRow], done: int, skipped: int, started: float, timings: dict) -> LabelResult:
+    """Counts over the committed tables (every shard of the run is committed by now)."""
     videos = storage.read_table(storage.join(out, "videos"), columns=["status", "clips"]).to_pydict()
+    segments = storage.read_table(storage.join(out, "segments"), columns=["clips"]).num_rows
     statuses = videos["status"]
     return LabelResult(
         out=out,
@@ -383,9 +487,11 @@ def _summarize(out: str, run: dict, rows: list[VideoRow], done: int, skipped: in
         partial=statuses.count("partial"),
         failed=statuses.count("failed"),
         clips=int(sum(videos["clips"])),
+        segments=segments,
         shards_done=done,
         shards_skipped=skipped,
-        seconds=round(seconds, 3),
+        seconds=round(time.perf_counter() - started, 3),
+        timings={k: round(v, 3) for k, v in timings.items()},
     )
 
 

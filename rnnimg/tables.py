@@ -4,6 +4,7 @@ Store layout of a labelling run (``OUT`` is a local folder or ``s3://bucket/pref
 
     OUT/clips/shard-00000.parquet      one row per clip (CLIPS)
     OUT/videos/shard-00000.parquet     one row per input video (VIDEOS)
+    OUT/segments/shard-00000.parquet   runs of consecutive clips with one label (SEGMENTS)
     OUT/_commits/shard-00000.json      completion record of a shard, written last
     OUT/_run/manifest.parquet          the listing of the input, made once per run
     OUT/_run/config.json               run id, model id, model config, clip plan, parameters
@@ -28,6 +29,19 @@ CLIPS = pa.schema(
         pa.field("score", pa.float32(), nullable=False),  # softmax probability of that class
         pa.field("model_id", pa.string(), nullable=False),  # first 16 hex digits of the weights' SHA-256
         pa.field("run_id", pa.string(), nullable=False),  # the labelling run
+    ]
+)
+
+SEGMENTS = pa.schema(
+    [
+        pa.field("video_uri", pa.string(), nullable=False),
+        pa.field("start_s", pa.float64(), nullable=False),  # start of the segment's first clip
+        pa.field("end_s", pa.float64(), nullable=False),  # end of its last clip
+        pa.field("label", pa.string(), nullable=False),
+        pa.field("mean_score", pa.float32(), nullable=False),  # mean score of its clips that voted for the label
+        pa.field("clips", pa.int32(), nullable=False),  # clips in the segment
+        pa.field("model_id", pa.string(), nullable=False),
+        pa.field("run_id", pa.string(), nullable=False),
     ]
 )
 

@@ -110,3 +110,21 @@ def test_manifest_input_with_split_filter_and_accuracy(ray_local, tiny_archive, 
     clips = pads.dataset(os.path.join(out, "clips")).to_table().to_pylist()
     expected = sum(truth[c["video_uri"]] == c["label"] for c in clips if truth.get(c["video_uri"])) / compared
     assert accuracy == pytest.approx(expected)
+
+
+def test_long_videos_split_into_ranges_give_the_same_rows(ray_local, tiny_archive, untrained_model, tmp_path):
+    root, _ = tiny_archive
+    videos = os.path.join(root, "videos", "test")
+    whole = label(videos, untrained_model, str(tmp_path / "whole"), LabelConfig(range_seconds=600))
+    split = label(videos, untrained_model, str(tmp_path / "split"), LabelConfig(range_seconds=2.0))  # one clip per range
+    assert (split.videos, split.ok, split.clips) == (whole.videos, whole.ok, whole.clips)
+
+    def rows(out, table, key):
+        frame = pads.dataset(os.path.join(out, table)).to_table().to_pandas().drop(columns=["run_id"])
+        return frame.sort_values(key).reset_index(drop=True)
+
+    pd.testing.assert_frame_equal(rows(str(tmp_path / "whole"), "clips", ["video_uri", "clip_index"]), rows(str(tmp_path / "split"), "clips", ["video_uri", "clip_index"]))
+    pd.testing.assert_frame_equal(rows(str(tmp_path / "whole"), "videos", ["video_uri"]), rows(str(tmp_path / "split"), "videos", ["video_uri"]))
+    segments = rows(str(tmp_path / "split"), "segments", ["video_uri", "start_s"])
+    assert segments.clips.sum() == split.clips
+    assert split.segments == len(segments)
