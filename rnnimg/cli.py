@@ -110,7 +110,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with a manifest: label only rows of this split (repeatable)")
     p.add_argument("--run-id", default=None, help="name of the run (default: new, or the one already in --out)")
     p.add_argument("--stride-seconds", type=_positive_float, default=None, help="distance between clip starts (default: the model's)")
-    p.add_argument("--videos-per-shard", type=_positive_int, default=16, help="videos committed together (default 16)")
+    p.add_argument("--videos-per-shard", type=_positive_int, default=32, help="videos committed together, the unit of resume (default 32)")
+    p.add_argument("--range-seconds", type=_positive_float, default=600.0,
+                   help="a longer video is split into ranges of about this many seconds, decoded in parallel (default 600)")
+    p.add_argument("--min-segment-seconds", type=float, default=0.0,
+                   help="segments shorter than this are absorbed by a neighbouring segment (default 0: no smoothing)")
     p.add_argument("--batch-size", type=_positive_int, default=32, help="clips per model call (default 32)")
     p.add_argument("--actors", type=_positive_int, default=1, help="model replicas in the actor pool (default 1)")
     p.add_argument("--truth", default=None, help="manifest with true labels: print the clip accuracy on its test split")
@@ -147,7 +151,8 @@ def _run(args) -> dict:
         from rnnimg.label import LabelConfig, clip_accuracy, label
 
         config = LabelConfig(videos_per_shard=args.videos_per_shard, batch_size=args.batch_size, actors=args.actors,
-                             stride_seconds=args.stride_seconds)
+                             stride_seconds=args.stride_seconds, range_seconds=args.range_seconds,
+                             min_segment_seconds=args.min_segment_seconds)
         result = label(args.videos, args.model, args.out, config, splits=args.splits, run_id=args.run_id, ray_address=args.ray_address)
         summary = result.summary()
         if args.truth:
