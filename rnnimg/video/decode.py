@@ -4,20 +4,53 @@ The interface is small: ``VideoReader(video_uri, size)`` has ``duration_s`` and
 ``clips(plan)``, which yields ``(Clip, frames)`` with frames as uint8 ``(T, H, W, C)``,
 one clip at a time (a video's frames are never all held in memory).
 
-Frames are picked by presentation time, not by index: for each planned timestamp the
-frame on screen at that time (the last frame whose pts <= t) is taken, so variable frame
-rate video is sampled correctly. Decoding runs forward; it seeks only when the next wanted
-timestamp lies more than a couple of keyframe intervals ahead, since seeking inside a GOP
-costs more than decoding through it. Only the frames that are kept are converted to RGB,
-and they are resized in that same conversion.
+How the frames are found:
 
-Errors are ``VideoError`` with an ``error_type`` (``open``, ``no_video_stream``, ``decode``,
-``truncated``) and a message that names the video.
+- **By presentation time.** For each planned timestamp the frame on screen at that time (the
+  last frame whose pts <= t) is taken, so variable frame rate and B-frame video are sampled
+  correctly. A raw elementary stream (``.h264``) has no timestamps: its frames are timed by
+  their output order and the stream's frame period, and its duration comes from one pass over
+  its packets (demuxing only, no decoding).
+- **Decode forward, seek rarely.** When the plan's first time lies beyond the start (a plan
+  for a time range of a long video), the reader seeks straight to it. After that it decodes
+  forward and seeks only when the next wanted time is more than ``seek_gap_keyframes``
+  observed keyframe intervals ahead, since seeking inside a GOP costs more than decoding
+  through it. A seek that lands past the wanted time (an imprecise demuxer) is retried
+  further back; a seek that lands behind the decoder's position is not repeated.
+- **Skip frames nobody wants.** Before each packet is decoded the reader looks a few packets
+  ahead; if no wanted time falls in the packet's display interval (from its time to the next
+  frame's), the decoder may drop it when no other frame references it
+  (``skip_frame="NONREF"``). A dropped frame is never one the plan needs, so the frames are
+  identical with and without skipping; ``bench/label_throughput.py`` measures the gain.
+- **Convert only the frames kept**, to RGB and resized to the model's input in the same
+  swscale call, then turned to display orientation (the container's display matrix, e.g. a
+  phone video tagged "rotate 90", in quarter turns; mirroring is ignored).
+- **One video stream**: the first video stream in container order that is not an attached
+  picture (cover art). Other video streams are ignored, so the choice never depends on
+  bit rates or on FFmpeg's heuristics.
+
+Errors are ``VideoError`` with a message that names the video and an ``error_type``:
+
+=================== =====================================================================
+``not_found``       no file at the location (e.g. deleted after the listing)
+``storage``         the store could not be read (after ``rnnimg.storage``'s retries)
+``empty``           the file has 0 bytes
+``open``            not a readable media container (text, random bytes, no header, ...)
+``no_video_stream`` a media file without a video stream (audio only, cover art only)
+``decode``          the decoder failed, or reported a corrupt frame, before the plan's end
+``truncated``       the file ends before the plan's end (cut short: a partial last packet,
+                    or frames that stop well before the declared duration)
+=================== =====================================================================
+
+Clips yielded before an error are valid; callers keep them (a ``partial`` video).
 """
 
 from __future__ import annotations
 
+import bisect
+import io
 import math
+from collections import deque
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -26,9 +59,13 @@ import numpy as np
 from rnnimg import storage
 from rnnimg.video.clips import Clip
 
-
 # A frame whose time is within this of a wanted time counts as shown at it (float noise).
 _TIME_EPS = 1e-6
+# Packets looked at ahead of the one being decoded, to know when the next frame is shown.
+# H.264/HEVC reorder at most 16 frames, so the next frame in display order is among them.
+_LOOKAHEAD_PACKETS = 16
+# With the first wanted time less than this far in, decode from the start instead of seeking.
+_INITIAL_SEEK_S = 1.0
 
 
 class VideoError(Exception):
@@ -43,8 +80,8 @@ class VideoError(Exception):
 @dataclass(frozen=True)
 class VideoInfo:
     duration_s: float  # presentation length of the video stream, seconds
-    width: int
-    height: int
+    width: int  # as coded (before the display rotation)
+    height: int  # as coded (before the display rotation)
     fps: float  # average frame rate as the container declares it (0 when unknown)
     codec: str
 
@@ -60,16 +97,33 @@ class VideoReader:
 
     Args:
         video_uri: local path, file:// or s3:// URL.
-        size: ``(height, width)`` to resize kept frames to, or None for the native size.
+        size: ``(height, width)`` to resize kept frames to (in display orientation), or None
+            for the native size.
 
     Raises:
-        VideoError: the file cannot be opened as a video, or has no video stream.
+        VideoError: the file is missing, unreadable, empty, not a media container, or has no
+            video stream (``error_type`` ``not_found``, ``storage``, ``empty``, ``open``,
+            ``no_video_stream``).
     """
 
     def __init__(self, video_uri: str, size: tuple[int, int] | None = None):
-        av = _import_av()
         self.video_uri = video_uri
         self.size = size
+        self._file = None
+        self._container = None
+        self._open()
+        try:
+            self._setup()
+        except BaseException:
+            self.close()
+            raise
+
+    # ------------------------------------------------------------------ opening
+
+    def _open(self) -> None:
+        """Open the file and the container (again, after a demux-only duration pass)."""
+        av = _import_av()
+        video_uri = self.video_uri
         try:
             self._file = storage.open_input(video_uri)
         except FileNotFoundError as err:
@@ -77,48 +131,108 @@ class VideoReader:
         except (storage.StorageError, OSError) as err:
             raise VideoError("storage", f"{video_uri}: cannot read: {err}") from err
         try:
+            self._file_size = self._file.seek(0, io.SEEK_END)
+            self._file.seek(0)
+        except OSError as err:
+            self._file.close()
+            raise VideoError("storage", f"{video_uri}: cannot read: {err}") from err
+        if self._file_size == 0:
+            self._file.close()
+            raise VideoError("empty", f"{video_uri}: the file is empty (0 bytes)")
+        try:
             self._container = av.open(self._file, mode="r")
-        except (av.error.FFmpegError, ValueError, OSError, EOFError) as err:
+        except av.error.FFmpegError as err:
             self._file.close()
             raise VideoError("open", f"{video_uri}: not a readable video container: {_msg(err)}") from err
-        if not self._container.streams.video:
-            self.close()
-            raise VideoError("no_video_stream", f"{video_uri}: the container has no video stream")
-        self._stream = self._container.streams.video[0]
+        except OSError as err:  # raised by the file object: the store failed mid-read
+            self._file.close()
+            raise VideoError("storage", f"{video_uri}: cannot read: {err}") from err
+        except (ValueError, EOFError, UnicodeDecodeError) as err:
+            self._file.close()
+            raise VideoError("open", f"{video_uri}: not a readable video container: {_msg(err)}") from err
+
+    def _setup(self) -> None:
+        av = _import_av()
+        video = [s for s in self._container.streams.video if not (s.disposition & av.stream.Disposition.attached_pic)]
+        if not video:
+            only_pictures = bool(self._container.streams.video)
+            raise VideoError(
+                "no_video_stream",
+                f"{self.video_uri}: no video stream" + (" (only a cover picture)" if only_pictures else "")
+                + f"; streams: {', '.join(s.type for s in self._container.streams) or 'none'}",
+            )
+        self._stream_index = video[0].index
+        self._bind_stream()
+        stream = self._stream
+        # Raw elementary streams (.h264, .hevc, .m4v) carry no timestamps at all.
+        self._no_timestamps = bool(self._container.format.flags & av.format.Flags.no_timestamps)
+        rate = stream.average_rate or stream.guessed_rate
+        self._frame_period_s = 1.0 / float(rate) if rate else 0.0
+        duration = self._declared_duration()
+        if duration is None:
+            duration = self._demux_duration()
+        fps = float(stream.average_rate or 0.0)
+        if self._no_timestamps and self._frame_period_s:
+            fps = 1.0 / self._frame_period_s
+        self.info = VideoInfo(
+            duration_s=duration,
+            width=int(stream.codec_context.width or 0),
+            height=int(stream.codec_context.height or 0),
+            fps=fps,
+            codec=str(stream.codec_context.name),
+        )
+
+    def _bind_stream(self) -> None:
+        self._stream = self._container.streams[self._stream_index]
         self._stream.thread_type = "SLICE"  # one decoder thread per process; processes give parallelism
         tb = self._stream.time_base
         self._time_base = float(tb) if tb else 1e-6
         start = self._stream.start_time
         self._origin_s = float(start * tb) if (start is not None and tb) else 0.0
-        self.info = VideoInfo(
-            duration_s=self._probe_duration(),
-            width=int(self._stream.codec_context.width or 0),
-            height=int(self._stream.codec_context.height or 0),
-            fps=float(self._stream.average_rate or 0.0),
-            codec=str(self._stream.codec_context.name),
-        )
 
-    @property
-    def duration_s(self) -> float:
-        return self.info.duration_s
-
-    def _probe_duration(self) -> float:
+    def _declared_duration(self) -> float | None:
         stream = self._stream
+        if self._no_timestamps:
+            return None  # a raw stream's "duration" would be a guess from its bit rate
         if stream.duration and stream.time_base:
             return float(stream.duration * stream.time_base)
         if self._container.duration:
             return float(self._container.duration) / 1_000_000.0 - max(self._origin_s, 0.0)
-        # No declared duration (e.g. a raw elementary stream): demux once, decoding nothing.
+        return None
+
+    def _demux_duration(self) -> float:
+        """No declared duration: read every packet once (no decoding), then reopen.
+
+        With timestamps, the end of the last packet; without (raw streams), the sum of the
+        packet durations, or the packet count times the declared frame period.
+        """
         av = _import_av()
-        end = 0.0
+        end, total, counted, frames = 0.0, 0.0, 0, 0
         try:
-            for packet in self._container.demux(stream):
-                if packet.pts is not None:
+            for packet in self._container.demux(self._stream):
+                if packet.size == 0:
+                    continue  # the flush packet at the end
+                frames += 1
+                if packet.duration:
+                    total += packet.duration * self._time_base
+                    counted += 1
+                if packet.pts is not None and not self._no_timestamps:
                     end = max(end, (packet.pts + (packet.duration or 0)) * self._time_base - self._origin_s)
         except av.error.FFmpegError:
-            pass
-        self._container.seek(0, stream=stream) if end > 0 else None
+            pass  # a damaged tail: the duration is what could be read; decoding reports the error
+        if self._no_timestamps:
+            if counted == frames and frames:
+                self._frame_period_s = total / frames
+            end = frames * self._frame_period_s
+        self._container.close()
+        self._file.close()
+        self._open()
+        self._bind_stream()
         return end
+
+    @property
+    def duration_s(self) -> float:
+        return self.info.duration_s
 
     def __enter__(self) -> "VideoReader":
         return self
@@ -128,121 +242,238 @@ class VideoReader:
 
     def close(self) -> None:
         try:
-            self._container.close()
+            if self._container is not None:
+                self._container.close()
         finally:
-            self._file.close()
+            if self._file is not None:
+                self._file.close()
+
+    # ------------------------------------------------------------------ decoding
 
     def _convert(self, frame) -> np.ndarray:
+        """One decoded frame -> uint8 (H, W, 3) RGB in display orientation, resized to ``size``."""
+        rotation = frame.rotation or 0
+        quarter_turns = round(rotation / 90)
+        if abs(rotation - 90 * quarter_turns) > 1:
+            quarter_turns = 0  # not a quarter turn: leave the frame as coded
+        quarter_turns %= 4
         if self.size is None:
-            return frame.to_ndarray(format="rgb24")
-        height, width = self.size
-        return frame.to_ndarray(format="rgb24", width=width, height=height)
+            array = frame.to_ndarray(format="rgb24")
+        else:
+            height, width = self.size
+            if quarter_turns % 2:
+                height, width = width, height  # resize as coded, then turn into the wanted shape
+            array = frame.to_ndarray(format="rgb24", width=width, height=height)
+        if quarter_turns:
+            array = np.ascontiguousarray(np.rot90(array, quarter_turns))  # counterclockwise, as FFmpeg's rotation
+        return array
 
-    def _frames_from(self, seek_to_s: float | None):
-        """Decoded frames with their times (s, from the stream's origin), optionally after a seek."""
-        if seek_to_s is not None:
-            target = int((seek_to_s + self._origin_s) / self._time_base)
+    def _seek(self, target_s: float) -> bool:
+        """Seek to the keyframe at or before ``target_s``; False if the container cannot seek."""
+        av = _import_av()
+        codec = self._stream.codec_context
+        depth = codec.reorder_depth
+        target = int(math.floor((max(target_s, 0.0) + self._origin_s) / self._time_base))
+        try:
             self._container.seek(target, stream=self._stream, backward=True, any_frame=False)
-        for frame in self._container.decode(self._stream):
-            if frame.pts is None:
-                continue
-            yield frame, frame.pts * self._time_base - self._origin_s
+        except av.error.FFmpegError:
+            return False
+        # The flush resets the decoder's reorder heuristic; restore it so that hierarchical
+        # B-frames are not dropped after the seek.
+        codec.reorder_depth = max(depth, codec.reorder_depth)
+        return True
 
-    def clips(self, plan: list[Clip], seek_gap_keyframes: float = 2.0) -> Iterator[tuple[Clip, np.ndarray]]:
+    def _packets(self) -> Iterator[tuple[object, deque]]:
+        """Demuxed packets, each with the (up to ``_LOOKAHEAD_PACKETS``) packets after it."""
+        ahead: deque = deque()
+        for packet in self._container.demux(self._stream):
+            ahead.append(packet)
+            if len(ahead) > _LOOKAHEAD_PACKETS:
+                yield ahead.popleft(), ahead
+        while ahead:
+            yield ahead.popleft(), ahead
+
+    def clips(self, plan: list[Clip], seek_gap_keyframes: float = 2.0, skip_nonref: bool = True) -> Iterator[tuple[Clip, np.ndarray]]:
         """Yield ``(clip, frames)`` for each clip of the plan, in plan order.
 
         Args:
             plan: clips from ``rnnimg.video.clips``; their timestamps are seconds from the start.
             seek_gap_keyframes: seek when the next wanted time is more than this many observed
                 keyframe intervals ahead of the decoder.
+            skip_nonref: let the decoder drop non-reference frames that no wanted time shows.
 
         Yields:
             ``(clip, frames)`` with frames uint8 of shape ``(frames_per_clip, H, W, 3)``.
 
         Raises:
-            VideoError: decoding failed (``decode``) or the stream ended before the plan
-                (``truncated``). Clips yielded before the error are valid.
+            VideoError: decoding failed (``decode``), the file ends early (``truncated``) or
+                could not be read (``storage``). Clips yielded before the error are valid.
         """
         av = _import_av()
         if not plan:
             return
-        # Every wanted time, in time order, with where its frame goes.
-        wanted = sorted(
-            (t, clip_pos, i) for clip_pos, clip in enumerate(plan) for i, t in enumerate(clip.timestamps)
-        )
-        slots: list[list[np.ndarray | None]] = [[None] * len(c.timestamps) for c in plan]
-        missing = [len(c.timestamps) for c in plan]
-        next_to_yield = 0
-        w = 0  # index of the next wanted time
-        prev = None  # (frame, time, converted array or None)
-        keyframe_times: list[float] = []
-        seek_to: float | None = None
+        want = _Wanted(plan)
+        codec = self._stream.codec_context
+        can_seek = not self._no_timestamps
+        can_skip = skip_nonref and not self._no_timestamps
+        tb, origin = self._time_base, self._origin_s
+        keyframes: list[float] = []  # the last two keyframe times seen
+        prev = None  # [frame, time, rgb array or None]: the frame on screen until the next one
         last_time = -math.inf
+        synth_time = 0.0  # next frame's time when the stream has no timestamps
+        no_seek_until = -math.inf  # after a seek that landed behind the decoder: no seek before this time
+        landing: tuple[float, float] | None = None  # after a seek: (target, back-off) until the first frame
+        packet = None
+        skipping = False
 
-        def assign(entry, upto: float):
-            """Give ``entry``'s frame to every wanted time < upto; return the updated entry."""
-            nonlocal w
-            frame, ftime, array = entry
-            while w < len(wanted) and wanted[w][0] + _TIME_EPS < upto:
-                if array is None:
-                    array = self._convert(frame)
-                _, clip_pos, i = wanted[w]
-                slots[clip_pos][i] = array
-                missing[clip_pos] -= 1
-                w += 1
-            return (frame, ftime, array)
+        def seek(target_s: float, back_off_s: float) -> bool:
+            nonlocal prev, landing, packets
+            if not self._seek(target_s):
+                return False
+            prev, landing = None, (target_s, back_off_s)
+            packets = self._packets()
+            return True
 
-        def ready():
-            nonlocal next_to_yield
-            while next_to_yield < len(plan) and missing[next_to_yield] == 0:
-                frames = np.stack(slots[next_to_yield])  # T x (H, W, C) -> (T, H, W, C)
-                slots[next_to_yield] = []
-                yield plan[next_to_yield], frames
-                next_to_yield += 1
-
+        packets = self._packets()
+        if can_seek and want.next_time() > _INITIAL_SEEK_S:
+            can_seek = seek(want.next_time(), 1.0)
         try:
-            while w < len(wanted):
+            while not want.done():
                 restarted = False
-                for frame, ftime in self._frames_from(seek_to):
-                    seek_to = None
-                    if frame.key_frame and (not keyframe_times or ftime > keyframe_times[-1]):
-                        keyframe_times.append(ftime)
-                    if prev is not None:
-                        prev = assign(prev, ftime)  # prev is on screen until this frame's time
-                    elif w < len(wanted) and wanted[w][0] + _TIME_EPS < ftime:
-                        # Wanted times before the first frame: the first frame is what shows.
-                        assign((frame, ftime, None), ftime)
-                    prev = (frame, ftime, None)
-                    last_time = ftime
-                    yield from ready()
-                    if w >= len(wanted):
+                for packet, ahead in packets:
+                    skip = can_skip and packet.pts is not None and not packet.is_keyframe and not want.shows_in(
+                        packet.pts * tb - origin, _next_time(packet.pts, ahead, tb, origin)
+                    )
+                    if skip != skipping:
+                        codec.skip_frame = "NONREF" if skip else "DEFAULT"
+                        skipping = skip
+                    for frame in codec.decode(packet):
+                        if self._no_timestamps:
+                            ftime, synth_time = synth_time, synth_time + self._frame_period_s
+                        elif frame.pts is not None:
+                            ftime = frame.pts * tb - origin
+                        elif prev is not None and self._frame_period_s:
+                            ftime = prev[1] + self._frame_period_s  # a frame without a timestamp: the next slot
+                        else:
+                            continue
+                        if frame.is_corrupt:
+                            raise VideoError("decode", f"{self.video_uri}: the decoder reports a corrupt frame at {ftime:.2f} s")
+                        if landing is not None:
+                            target_s, back_off_s = landing
+                            landing = None
+                            if ftime > want.next_time() + _TIME_EPS and target_s > 0:
+                                # Landed past the wanted time: try again further back.
+                                back = max(target_s - back_off_s, 0.0)
+                                restarted = seek(back, 2 * back_off_s)
+                                if restarted:
+                                    break
+                            if ftime <= last_time:
+                                no_seek_until = want.next_time()  # a keyframe-less stretch: decode through it
+                        if frame.key_frame and (not keyframes or ftime > keyframes[-1]):
+                            keyframes = [*keyframes[-1:], ftime]
+                        if prev is not None:
+                            want.assign(prev, ftime, self._convert)  # prev is on screen until this frame's time
+                        elif want.next_time() + _TIME_EPS < ftime:
+                            # Wanted times before the first frame: the first frame is what shows.
+                            want.assign([frame, ftime, None], ftime, self._convert)
+                        prev = [frame, ftime, None]
+                        last_time = max(last_time, ftime)
+                        yield from want.ready()
+                        if want.done():
+                            return
+                        gap = want.next_time() - ftime
+                        if can_seek and len(keyframes) == 2 and want.next_time() > no_seek_until:
+                            gop = max(keyframes[1] - keyframes[0], 1e-3)
+                            if gap > seek_gap_keyframes * gop:
+                                restarted = seek(want.next_time(), gop)
+                                can_seek = restarted
+                                if restarted:
+                                    break
+                    if restarted or want.done():
                         break
-                    gap = wanted[w][0] - ftime
-                    if len(keyframe_times) >= 2:
-                        gop = max(keyframe_times[-1] - keyframe_times[-2], 1e-3)
-                        if gap > seek_gap_keyframes * gop:
-                            seek_to, prev, restarted = wanted[w][0], None, True
-                            break
                 if not restarted:
                     break
         except av.error.FFmpegError as err:
-            raise VideoError("decode", f"{self.video_uri}: decoding failed near {max(last_time, 0):.2f} s: {_msg(err)}") from err
+            raise self._decode_error(err, packet, last_time) from err
+        except OSError as err:  # raised by the file object: the store failed mid-read
+            raise VideoError("storage", f"{self.video_uri}: read failed near {max(last_time, 0):.2f} s: {err}") from err
 
-        if w < len(wanted) and prev is not None:
+        if not want.done() and prev is not None:
             # End of stream: the last frame stays on screen for one frame period. A plan made
             # from the declared duration that reaches well past it means the file was cut short.
-            frame_period = 1.0 / self.info.fps if self.info.fps else 0.1
-            if wanted[-1][0] > last_time + 2 * frame_period:
-                assign(prev, last_time + frame_period)
-                yield from ready()
+            frame_period = self._frame_period_s or 0.1
+            if want.last_time() > last_time + 2 * frame_period:
+                want.assign(prev, last_time + frame_period, self._convert)
+                yield from want.ready()
                 raise VideoError(
                     "truncated",
                     f"{self.video_uri}: frames end at {last_time:.2f} s, before the declared {self.duration_s:.2f} s",
                 )
-            assign(prev, math.inf)
-        yield from ready()
-        if next_to_yield < len(plan):
-            raise VideoError("decode", f"{self.video_uri}: no decodable frames for clip {next_to_yield} and after")
+            want.assign(prev, math.inf, self._convert)
+        yield from want.ready()
+        if not want.done():
+            raise VideoError("decode", f"{self.video_uri}: no decodable frames for clip {want.next_clip()} and after")
+
+    def _decode_error(self, err: BaseException, packet, last_time: float) -> VideoError:
+        """A decoder/demuxer error -> ``truncated`` when the failing packet reaches the end of the file."""
+        where = f"near {max(last_time, 0):.2f} s"
+        if packet is not None and packet.pos is not None and packet.pos >= 0 and packet.pos + packet.size >= self._file_size:
+            return VideoError("truncated", f"{self.video_uri}: the file ends inside a packet {where} (cut short?): {_msg(err)}")
+        return VideoError("decode", f"{self.video_uri}: decoding failed {where}: {_msg(err)}")
+
+
+def _next_time(pts: int, ahead: deque, time_base: float, origin_s: float) -> float:
+    """When the frame after ``pts`` (in display order) is shown, from the packets ahead; inf if unknown."""
+    later = [p.pts for p in ahead if p.pts is not None and p.pts > pts]
+    return min(later) * time_base - origin_s if later else math.inf
+
+
+class _Wanted:
+    """The plan's wanted times in time order, and the clips being filled from them."""
+
+    def __init__(self, plan: list[Clip]):
+        self.plan = plan
+        order = sorted((t, clip_pos, i) for clip_pos, clip in enumerate(plan) for i, t in enumerate(clip.timestamps))
+        self.times = [t for t, _, _ in order]
+        self.slots = [(clip_pos, i) for _, clip_pos, i in order]
+        self.frames: list[list[np.ndarray | None]] = [[None] * len(c.timestamps) for c in plan]
+        self.missing = [len(c.timestamps) for c in plan]
+        self.w = 0  # index of the next wanted time
+        self.next_to_yield = 0
+
+    def done(self) -> bool:
+        return self.w >= len(self.times)
+
+    def next_time(self) -> float:
+        return self.times[self.w]
+
+    def last_time(self) -> float:
+        return self.times[-1]
+
+    def next_clip(self) -> int:
+        return self.plan[self.next_to_yield].clip_index
+
+    def shows_in(self, start_s: float, end_s: float) -> bool:
+        """Is any wanted time (still to come or already served) in [start_s, end_s)?"""
+        j = bisect.bisect_left(self.times, start_s - _TIME_EPS)
+        return j < len(self.times) and self.times[j] + _TIME_EPS < end_s
+
+    def assign(self, entry: list, upto: float, convert) -> None:
+        """Give ``entry``'s frame ([frame, time, array]) to every wanted time before ``upto``."""
+        while self.w < len(self.times) and self.times[self.w] + _TIME_EPS < upto:
+            if entry[2] is None:
+                entry[2] = convert(entry[0])
+            clip_pos, i = self.slots[self.w]
+            self.frames[clip_pos][i] = entry[2]
+            self.missing[clip_pos] -= 1
+            self.w += 1
+
+    def ready(self) -> Iterator[tuple[Clip, np.ndarray]]:
+        while self.next_to_yield < len(self.plan) and self.missing[self.next_to_yield] == 0:
+            frames = np.stack(self.frames[self.next_to_yield])  # T x (H, W, C) -> (T, H, W, C)
+            self.frames[self.next_to_yield] = []
+            yield self.plan[self.next_to_yield], frames
+            self.next_to_yield += 1
 
 
 def _msg(err: BaseException) -> str:
