@@ -219,8 +219,9 @@ class Predictor:
         scores = np.zeros(n, np.float32)
         todo = np.flatnonzero(~batch["is_status"].astype(bool))
         if len(todo):
-            with torch.inference_mode():
-                x = to_model_input(batch["frames"][todo]).to(self.device)  # (N, T, H, W, C) -> (N, T, C, H, W)
+            on_gpu = self.device.startswith("cuda")
+            with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=on_gpu):
+                x = to_model_input(batch["frames"][todo]).to(self.device, non_blocking=True)  # (N, T, H, W, C) -> (N, T, C, H, W)
                 clip_logits, _ = self.model(x)
                 probs = torch.softmax(clip_logits.float(), dim=1)
                 score, index = probs.max(dim=1)
@@ -336,7 +337,7 @@ def label(
     run = _run_config(out, run_id, model_uri, model_id, spec, config, videos)
     rows = _input_rows(out, videos, splits)
     all_shards = shards(rows, config.videos_per_shard)
-    committed = {i for i in range(len(all_shards)) if storage.exists(_commit_uri(out, i))}
+    committed = _committed_shards(out) & set(range(len(all_shards)))
     pending = [i for i in range(len(all_shards)) if i not in committed]
     log.info("run %s: %d videos in %d shards, %d already committed", run["run_id"], len(rows), len(all_shards), len(committed))
     timings = {"plan": time.perf_counter() - started}
@@ -376,6 +377,15 @@ def label(
         {**result.summary(), "model_uri": model_uri, "clip_spec": spec.to_dict(), "label_config": asdict(config), "finished_at": time.time()},
     )
     return result
+
+
+def _committed_shards(out: str) -> set[int]:
+    """Shards with a completion record: one listing, not one request per shard."""
+    folder = storage.join(out, "_commits")
+    if not storage.exists(folder):
+        return set()
+    names = (storage.basename(f.uri) for f in storage.list_files(folder, (".json",)))
+    return {int(n[len("shard-") : -len(".json")]) for n in names if n.startswith("shard-")}
 
 
 def _commit_uri(out: str, shard: int) -> str:
