@@ -15,8 +15,8 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from label_videos import label_videos  # noqa: E402
-from train_crnn import train_crnn  # noqa: E402
+from label_videos import LabelParams, label_videos  # noqa: E402
+from train_crnn import TrainParams, train_crnn  # noqa: E402
 
 from rnnimg import storage  # noqa: E402
 from rnnimg.synth import SynthConfig, make_archive  # noqa: E402
@@ -40,18 +40,20 @@ def main() -> int:
     storage.write_bytes(storage.join(archive, "videos", "unlabelled", "broken.mp4"), b"this is not a video")
     print(f"[1/3] synthetic archive: {manifest}  ({time.perf_counter() - started:.0f} s)")
 
-    trained = train_crnn(manifest, storage.join(args.out, "train"), epochs=args.epochs, workers=args.workers, name="demo")
+    trained = train_crnn(TrainParams(manifest=manifest, out=storage.join(args.out, "train"), epochs=args.epochs, workers=args.workers, name="demo"))
     print(f"[2/3] model: {trained['model']}  best val_acc={trained['best']['val_acc']:.3f}  ({time.perf_counter() - started:.0f} s)")
 
     labels_out = storage.join(args.out, "labels")
     to_label = [storage.join(archive, "videos", "test"), storage.join(archive, "videos", "unlabelled")]
-    summary = label_videos(to_label, trained["model"], labels_out, truth=manifest)
+    # full=True: label everything again, not only what is new since the last demo run.
+    summary = label_videos(LabelParams(videos=to_label, model=trained["model"], out=labels_out, truth=manifest, full=True))
     print(f"[3/3] labels: {labels_out}  ({time.perf_counter() - started:.0f} s)")
 
     print()
     print(f"archive   {archive}  (manifest {manifest})")
     print(f"model     {trained['model']}  (checkpoints {trained['run']})")
-    print(f"tables    {storage.join(labels_out, 'clips')}  {storage.join(labels_out, 'videos')}  {storage.join(labels_out, 'run.json')}")
+    run_out = summary["out"]
+    print(f"tables    {storage.join(run_out, 'clips')}  {storage.join(run_out, 'segments')}  {storage.join(run_out, 'videos')}  {storage.join(run_out, 'run.json')}")
     print(f"videos    {summary['videos']}: {summary['ok']} ok, {summary['partial']} partial, {summary['failed']} failed; {summary['clips']} clips")
     print(f"test-split clip accuracy: {summary['test_clip_accuracy']:.3f} over {summary['test_clips']} clips")
     print(f"total {time.perf_counter() - started:.0f} s")

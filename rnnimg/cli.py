@@ -3,6 +3,7 @@
     rnnimg synth OUT [--videos N] [--seed S]
     rnnimg train MANIFEST --out OUT [--epochs E] [--workers W] [--name RUN]
     rnnimg label VIDEOS [VIDEOS ...] --model MODEL --out OUT
+    rnnimg report LABELS --out REPORT
 
 Every location takes a local path or ``s3://bucket/prefix`` (endpoint from AWS_ENDPOINT_URL,
 credentials from the standard AWS chain). Bad arguments and missing inputs end with one line
@@ -79,20 +80,52 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train a CRNN with Ray Train and export the best model",
                        description="Train on the manifest's 'train' split, validate on 'val' every epoch, checkpoint to "
-                       "OUT/ray/RUN and export the best model to OUT/model (model.safetensors, config.json, labels.json, "
-                       "metrics.json). Rerunning with the same --out and --name resumes from the last checkpoint.")
+                       "OUT/ray/RUN every epoch and export the best model to OUT/model (model.safetensors, config.json, "
+                       "labels.json, metrics.json) with its evaluation report (report.md, confusion.png, curves.png). "
+                       "Each worker reads its own shard of the manifest and decodes clips on the fly. A failed worker is "
+                       "replaced and the run goes on from the last checkpoint; rerunning with the same --out and --name "
+                       "resumes at the next epoch. GPUs are used when the Ray cluster has them (--cpu/--gpu force it).")
     p.add_argument("manifest", metavar="MANIFEST", help="manifest table (.parquet/.csv) with video_uri, label, split")
     p.add_argument("--out", required=True, help="where checkpoints and the exported model go (folder or s3:// prefix)")
     p.add_argument("--epochs", type=_positive_int, default=12, help="passes over the training videos (default 12)")
     p.add_argument("--workers", type=_positive_int, default=2, help="Ray Train workers, DDP (default 2)")
     p.add_argument("--name", default="crnn", help="run name; the same name resumes (default crnn)")
     p.add_argument("--batch-size", type=_positive_int, default=16, help="clips per step per worker (default 16)")
-    p.add_argument("--lr", type=_positive_float, default=3e-3, help="peak learning rate, AdamW with cosine decay (default 0.003)")
+    p.add_argument("--lr", type=_positive_float, default=3e-3, help="peak AdamW learning rate (default 0.003)")
+    p.add_argument("--lr-schedule", choices=("cosine", "step", "constant"), default="cosine",
+                   help="after warmup: cosine to 5%% of --lr, step (x0.1 at 50%% and 75%% of the run), or constant (default cosine)")
+    p.add_argument("--warmup-epochs", type=float, default=None,
+                   help="linear learning-rate warmup in epochs, fractions allowed, 0 for none (default: 5%% of the run)")
+    p.add_argument("--weight-decay", type=float, default=0.05, help="AdamW weight decay (default 0.05)")
     p.add_argument("--clips-per-video", type=_positive_int, default=1, help="random clips per training video per epoch (default 1)")
+    p.add_argument("--augment", action="store_true",
+                   help="jitter training clips: colour channels, brightness, contrast, a small shift; never a flip or time reversal "
+                   "(default: clips as decoded)")
     p.add_argument("--rnn", choices=("lstm", "gru"), default="lstm", help="recurrent layer type (default lstm)")
     p.add_argument("--rnn-impl", choices=("torch", "reference"), default="torch",
                    help="torch: torch.nn kernels; reference: rnnimg.nn cells written from the equations (default torch)")
-    p.add_argument("--gpu", action="store_true", help="one GPU per worker")
+    p.add_argument("--rnn-hidden", type=_positive_int, default=128, help="hidden size of the recurrent layer (default 128)")
+    p.add_argument("--backbone", choices=("small", "resnet18", "resnet34", "resnet50"), default="small",
+                   help="per-frame CNN: the small built-in one, or a torchvision ResNet (needs torchvision) (default small)")
+    p.add_argument("--backbone-weights", default="",
+                   help="initial backbone weights: a .safetensors or weights-only torch state dict file or store URL "
+                   "(default: random init; nothing is downloaded)")
+    p.add_argument("--frame-size", type=_positive_int, default=64, help="frames are resized to this many pixels square (default 64)")
+    p.add_argument("--frames-per-clip", type=_positive_int, default=8, help="frames sampled per clip (default 8)")
+    device = p.add_mutually_exclusive_group()
+    device.add_argument("--gpu", action="store_true", help="train on GPUs (fails on a local Ray without one)")
+    device.add_argument("--cpu", action="store_true", help="train on CPUs even where the cluster has GPUs")
+    p.add_argument("--gpus-per-worker", type=_positive_float, default=1.0,
+                   help="GPUs each worker reserves on GPU; below 1 packs workers onto a GPU (default 1)")
+    p.add_argument("--cpus-per-worker", type=_positive_float, default=None,
+                   help="CPUs each worker reserves (default: 1 + --loader-workers)")
+    p.add_argument("--loader-workers", type=_non_negative_int, default=0,
+                   help="decoding processes per worker (torch DataLoader); 0 decodes in the training process (default 0)")
+    p.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
+                   help="bf16 autocast or fp32; auto: bf16 on GPU, fp32 on CPU (default auto)")
+    p.add_argument("--max-failures", type=int, default=2,
+                   help="worker failures recovered from the last checkpoint before the run fails, -1 for no limit (default 2)")
+    p.add_argument("--keep-checkpoints", type=_positive_int, default=2, help="best checkpoints kept, by validation accuracy (default 2)")
     p.add_argument("--shuffle-frames", action="store_true",
                    help="ablation: shuffle the frame order inside every clip (the model should then fall to chance)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
@@ -119,6 +152,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--actors", type=_positive_int, default=1, help="model replicas in the actor pool (default 1)")
     p.add_argument("--truth", default=None, help="manifest with true labels: print the clip accuracy on its test split")
     p.add_argument("--ray-address", default=None, help="Ray cluster to use (default: RAY_ADDRESS, else a local Ray)")
+
+    p = sub.add_parser("report", help="summarise label tables with Dask: per label, per video, review queue, HTML",
+                       description="Read LABELS (the --out of `rnnimg label`, or the base folder of the label-videos flow) "
+                       "partition by partition with Dask and write REPORT/labels.parquet (per label: clips, duration, videos), "
+                       "REPORT/videos/ (per video: dominant label and its share), REPORT/review/ (clips scoring below "
+                       "--threshold), REPORT/summary.json and REPORT/index.html (plots embedded).")
+    p.add_argument("labels", metavar="LABELS", help="label tables: a labelling output or a label-videos base (folder or s3:// prefix)")
+    p.add_argument("--out", required=True, help="where the report goes (folder or s3:// prefix)")
+    p.add_argument("--threshold", type=_positive_float, default=0.6, help="clips scoring below this go to the review queue (default 0.6)")
+    p.add_argument("--timeline-videos", type=_non_negative_int, default=20,
+                   help="videos drawn in the label timeline, the first by URI (default 20)")
+    p.add_argument("--model-id", default=None, help="with a label-videos base: the model to report (default: the latest run's)")
     return parser
 
 
@@ -132,20 +177,26 @@ def _run(args) -> dict:
 
     if args.command == "train":
         from rnnimg.models.crnn import CRNNConfig
-        from rnnimg.manifest import read_manifest
-        from rnnimg.train import TrainConfig, train
+        from rnnimg.train import TrainConfig, manifest_overview, train
 
-        rows = read_manifest(args.manifest)
-        labels = tuple(sorted({r.label for r in rows if r.label is not None and r.split in ("train", "val")}))
+        labels, _ = manifest_overview(args.manifest)
         if len(labels) < 2:
             raise ValueError(f"manifest {args.manifest} needs labelled train/val rows of at least 2 classes, found {list(labels)}")
-        model_config = CRNNConfig(labels=labels, rnn_type=args.rnn, rnn_impl=args.rnn_impl)
+        model_config = CRNNConfig(labels=labels, rnn_type=args.rnn, rnn_impl=args.rnn_impl, rnn_hidden=args.rnn_hidden,
+                                  backbone=args.backbone, backbone_weights=args.backbone_weights, frame_size=args.frame_size,
+                                  frames_per_clip=args.frames_per_clip)
         train_config = TrainConfig(
-            epochs=args.epochs, workers=args.workers, batch_size=args.batch_size, lr=args.lr,
-            clips_per_video=args.clips_per_video, use_gpu=args.gpu, seed=args.seed, shuffle_frames=args.shuffle_frames,
+            epochs=args.epochs, workers=args.workers, batch_size=args.batch_size, lr=args.lr, lr_schedule=args.lr_schedule,
+            warmup_epochs=args.warmup_epochs, weight_decay=args.weight_decay, clips_per_video=args.clips_per_video,
+            augment=args.augment, use_gpu=True if args.gpu else False if args.cpu else None,
+            gpus_per_worker=args.gpus_per_worker, cpus_per_worker=args.cpus_per_worker, loader_workers=args.loader_workers,
+            precision=args.precision, max_failures=args.max_failures, keep_checkpoints=args.keep_checkpoints, seed=args.seed,
+            shuffle_frames=args.shuffle_frames,
         )
         result = train(args.manifest, args.out, args.name, train_config, model_config, ray_address=args.ray_address)
-        return {"model": result.model_uri, "run": result.run_uri, "best": result.metrics}
+        print(result.report_markdown, file=sys.stderr)
+        return {"model": result.model_uri, "run": result.run_uri, "report": result.report_uri, "best": result.metrics,
+                "evaluation": {k: result.evaluation[k] for k in ("accuracy", "macro_f1", "clips")}}
 
     if args.command == "label":
         from rnnimg.label import LabelConfig, clip_accuracy, label
@@ -159,6 +210,12 @@ def _run(args) -> dict:
             accuracy, clips = clip_accuracy(args.out, args.truth)
             summary["test_clip_accuracy"], summary["test_clips"] = accuracy, clips
         return summary
+
+    if args.command == "report":
+        from rnnimg.report import ReportConfig, build_report
+
+        config = ReportConfig(threshold=args.threshold, timeline_videos=args.timeline_videos)
+        return build_report(args.labels, args.out, config, model_id=args.model_id).summary()
     raise AssertionError(args.command)
 
 
