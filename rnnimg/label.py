@@ -45,9 +45,9 @@ class LabelConfig:
     videos_per_shard: int = 32  # videos committed together; the unit of resume and of driver memory
     batch_size: int = 32  # clips per model call
     actors: int = 1  # Predictor actors (model replicas)
-    actor_cpus: float = 1.0  # CPUs reserved per Predictor actor
-    gpus_per_actor: float = 0.0  # GPUs per Predictor actor (0: CPU inference)
-    decode_cpus: float = 1.0  # CPUs reserved per decode task
+    actor_cpus: float | None = None  # CPUs reserved per Predictor actor (None: 1 with a GPU, else 0.25)
+    gpus_per_actor: float = 0.0  # GPUs per Predictor actor (0: one per actor when the cluster has GPUs)
+    decode_cpus: float = 0.75  # CPUs reserved per decode task (decoders are single-threaded)
     decode_memory_mb: int = 512  # memory reserved per decode task (one decoder + one batch of clips)
     stride_seconds: float | None = None  # override the model's clip stride (None: the model's)
     range_seconds: float = 600.0  # a longer video is split into ranges of about this many seconds
@@ -58,7 +58,7 @@ class LabelConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-        if self.actor_cpus <= 0 or self.decode_cpus <= 0:
+        if (self.actor_cpus is not None and self.actor_cpus <= 0) or self.decode_cpus <= 0:
             raise ValueError(f"actor_cpus and decode_cpus must be > 0, got {self.actor_cpus}, {self.decode_cpus}")
         if self.gpus_per_actor < 0:
             raise ValueError(f"gpus_per_actor must be >= 0, got {self.gpus_per_actor}")
@@ -348,6 +348,9 @@ def label(
         gpus = config.gpus_per_actor
         if gpus == 0 and ray.cluster_resources().get("GPU", 0) >= 1:
             gpus = 1.0
+        # On CPU the model is a small share of the work next to decoding: a quarter of a core
+        # reserved for it lets every core run a decoder (2 decoders + the model on 2 cores).
+        actor_cpus = config.actor_cpus if config.actor_cpus is not None else (1.0 if gpus else 0.25)
         ds = ray.data.from_items(items, override_num_blocks=min(len(items), 4096))
         # Header-only probe: a long video becomes several ranges, decoded by different tasks.
         ds = ds.flat_map(plan_video, fn_kwargs={"spec": spec.to_dict(), "range_seconds": config.range_seconds}, num_cpus=0.25)
@@ -362,10 +365,10 @@ def label(
         )
         ds = ds.map_batches(
             Predictor,
-            fn_constructor_kwargs={"model_uri": model_uri, "threads": max(1, int(config.actor_cpus))},
+            fn_constructor_kwargs={"model_uri": model_uri, "threads": max(1, int(actor_cpus))},
             compute=ActorPoolStrategy(size=config.actors),
             batch_size=config.batch_size,
-            num_cpus=config.actor_cpus,
+            num_cpus=actor_cpus,
             num_gpus=gpus,
         )
         _collect_and_commit(ds, out, run, all_shards, pending, config.min_segment_seconds)

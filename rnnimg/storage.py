@@ -19,6 +19,7 @@ import io
 import json
 import os
 import posixpath
+import re
 import time
 import uuid
 from dataclasses import dataclass
@@ -30,6 +31,10 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 T = TypeVar("T")
+
+# Local atomic writes go to "<folder>/.tmp-<uuid>-<name>" first; listings never show them.
+TEMP_PREFIX = ".tmp-"
+_SCHEME = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*)://")
 
 
 class StorageError(RuntimeError):
@@ -56,8 +61,10 @@ def is_s3(location: str) -> bool:
 def _check_scheme(location: str) -> None:
     if not isinstance(location, str) or not location:
         raise ValueError(f"a location must be a non-empty string, got {location!r}")
-    scheme = urlparse(location).scheme
-    if scheme not in ("", "file", "s3") and not (len(scheme) == 1 and os.name == "nt"):
+    # Only "name://" is a scheme: "clip:1.mp4" is a relative path.
+    match = _SCHEME.match(location)
+    scheme = match.group(1).lower() if match else ""
+    if scheme not in ("", "file", "s3"):
         raise ValueError(
             f"unsupported location {location!r}: use a local path, file:// or s3://bucket/prefix"
         )
@@ -203,8 +210,8 @@ def list_files(location: str, suffixes: tuple[str, ...] | None = None) -> list[F
         if info.type != pafs.FileType.File:
             continue
         name = info.base_name
-        if name.startswith(".") or name.startswith("_"):
-            continue  # hidden files, temporaries and commit records
+        if name.startswith(TEMP_PREFIX):
+            continue  # an atomic write in progress (or abandoned by a crash)
         if suffixes and not name.lower().endswith(tuple(s.lower() for s in suffixes)):
             continue
         uri = "s3://" + info.path if is_s3(location) else info.path
@@ -282,7 +289,7 @@ def write_bytes(location: str, data: bytes) -> None:
                 f.write(data)
             return
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        tmp = os.path.join(os.path.dirname(path), f".tmp-{uuid.uuid4().hex}-{os.path.basename(path)}")
+        tmp = os.path.join(os.path.dirname(path), f"{TEMP_PREFIX}{uuid.uuid4().hex}-{os.path.basename(path)}")
         try:
             with open(tmp, "wb") as f:
                 f.write(data)

@@ -14,11 +14,17 @@ def test_local_write_is_atomic_and_leaves_no_temporaries(tmp_path):
     assert os.listdir(tmp_path / "a") == ["b.bin"]
 
 
-def test_listing_skips_hidden_and_underscore_files(tmp_path):
-    for name in ("x.mp4", "sub/y.MP4", ".tmp-1-z.mp4", "_commits/s.json", "notes.txt"):
+def test_listing_skips_only_unfinished_atomic_writes(tmp_path):
+    for name in ("x.mp4", "sub/y.MP4", ".tmp-1-z.mp4", "_raw.mp4", "..odd.mp4", "notes.txt"):
         storage.write_bytes(str(tmp_path / name), b"1")
     names = [os.path.relpath(f.uri, tmp_path) for f in storage.list_files(str(tmp_path), (".mp4",))]
-    assert names == ["sub/y.MP4", "x.mp4"]
+    assert names == ["..odd.mp4", "_raw.mp4", "sub/y.MP4", "x.mp4"]
+
+
+def test_a_colon_in_a_relative_path_is_not_a_scheme(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    storage.write_bytes("clip:1.mp4", b"data")
+    assert storage.read_bytes("clip:1.mp4") == b"data"
 
 
 def test_missing_location_raises_file_not_found(tmp_path):

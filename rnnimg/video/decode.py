@@ -34,15 +34,20 @@ Errors are ``VideoError`` with a message that names the video and an ``error_typ
 =================== =====================================================================
 ``not_found``       no file at the location (e.g. deleted after the listing)
 ``storage``         the store could not be read (after ``rnnimg.storage``'s retries)
-``empty``           the file has 0 bytes
+``empty``           the file has 0 bytes (``rnnimg.label`` also uses it for a video stream
+                    without duration, which plans no clip)
 ``open``            not a readable media container (text, random bytes, no header, ...)
 ``no_video_stream`` a media file without a video stream (audio only, cover art only)
-``decode``          the decoder failed, or reported a corrupt frame, before the plan's end
-``truncated``       the file ends before the plan's end (cut short: a partial last packet,
-                    or frames that stop well before the declared duration)
+``decode``          the decoder or demuxer failed, or the decoder reported a corrupt frame,
+                    before the plan's end (decoding stops there)
+``truncated``       the file ends before the plan's end: the error above happened on a packet
+                    that runs to the end of the file, or the frames stop well before the
+                    declared duration. MPEG-TS and index-less AVI declare no duration, so a
+                    cut copy of one is a shorter, complete video.
 =================== =====================================================================
 
-Clips yielded before an error are valid; callers keep them (a ``partial`` video).
+Clips yielded before an error are valid (frames still held in the decoder for reordering are
+drained first); callers keep them (a ``partial`` video).
 """
 
 from __future__ import annotations
@@ -79,6 +84,8 @@ class VideoError(Exception):
 
 @dataclass(frozen=True)
 class VideoInfo:
+    """What the header (or, for raw streams, one demux pass) says about the video stream."""
+
     duration_s: float  # presentation length of the video stream, seconds
     width: int  # as coded (before the display rotation)
     height: int  # as coded (before the display rotation)
@@ -109,6 +116,13 @@ class VideoReader:
     def __init__(self, video_uri: str, size: tuple[int, int] | None = None):
         self.video_uri = video_uri
         self.size = size
+        self._reformatter = _import_av().video.reformatter.VideoReformatter()
+        self.frames_decoded = 0  # frames the decoder returned so far (for tests and benchmarks)
+        self.seeks = 0  # seeks done so far
+        self._skipping = False  # the decoder's skip_frame is "NONREF" (else "DEFAULT")
+        self._largest_packet = 0  # bytes, of the packets read so far
+        self._read_error: BaseException | None = None
+        self._last_packet = None  # the last packet sent to the decoder
         self._file = None
         self._container = None
         self._open()
@@ -165,7 +179,7 @@ class VideoReader:
         self._bind_stream()
         stream = self._stream
         # Raw elementary streams (.h264, .hevc, .m4v) carry no timestamps at all.
-        self._no_timestamps = bool(self._container.format.flags & av.format.Flags.no_timestamps)
+        self._no_timestamps = bool(self._container.format.flags & av.format.Flags.no_timestamps.value)
         rate = stream.average_rate or stream.guessed_rate
         self._frame_period_s = 1.0 / float(rate) if rate else 0.0
         duration = self._declared_duration()
@@ -196,6 +210,9 @@ class VideoReader:
             return None  # a raw stream's "duration" would be a guess from its bit rate
         if stream.duration and stream.time_base:
             return float(stream.duration * stream.time_base)
+        tagged = _parse_duration_tag(stream.metadata.get("DURATION") or stream.metadata.get("duration"))
+        if tagged is not None:
+            return tagged  # Matroska keeps a stream's own length in a tag; the container's is the longest stream's
         if self._container.duration:
             return float(self._container.duration) / 1_000_000.0 - max(self._origin_s, 0.0)
         return None
@@ -220,6 +237,8 @@ class VideoReader:
                     end = max(end, (packet.pts + (packet.duration or 0)) * self._time_base - self._origin_s)
         except av.error.FFmpegError:
             pass  # a damaged tail: the duration is what could be read; decoding reports the error
+        except OSError as err:  # raised by the file object: the store failed mid-read
+            raise VideoError("storage", f"{self.video_uri}: read failed while measuring the duration: {err}") from err
         if self._no_timestamps:
             if counted == frames and frames:
                 self._frame_period_s = total / frames
@@ -258,12 +277,14 @@ class VideoReader:
             quarter_turns = 0  # not a quarter turn: leave the frame as coded
         quarter_turns %= 4
         if self.size is None:
-            array = frame.to_ndarray(format="rgb24")
+            width, height = frame.width, frame.height
         else:
             height, width = self.size
             if quarter_turns % 2:
                 height, width = width, height  # resize as coded, then turn into the wanted shape
-            array = frame.to_ndarray(format="rgb24", width=width, height=height)
+        # One reformatter for the whole video: it keeps its swscale context between frames
+        # (frame.to_ndarray(width=..) builds a new one per frame, about 5x slower at 64x64).
+        array = self._reformatter.reformat(frame, width=width, height=height, format="rgb24").to_ndarray()
         if quarter_turns:
             array = np.ascontiguousarray(np.rot90(array, quarter_turns))  # counterclockwise, as FFmpeg's rotation
         return array
@@ -278,20 +299,84 @@ class VideoReader:
             self._container.seek(target, stream=self._stream, backward=True, any_frame=False)
         except av.error.FFmpegError:
             return False
+        self.seeks += 1
         # The flush resets the decoder's reorder heuristic; restore it so that hierarchical
         # B-frames are not dropped after the seek.
         codec.reorder_depth = max(depth, codec.reorder_depth)
         return True
 
     def _packets(self) -> Iterator[tuple[object, deque]]:
-        """Demuxed packets, each with the (up to ``_LOOKAHEAD_PACKETS``) packets after it."""
+        """Demuxed packets, each with the (up to ``_LOOKAHEAD_PACKETS``) packets after it.
+
+        A demuxer or read error ends the iteration after the packets already read; the error
+        is kept in ``self._read_error`` for ``_frames`` to report once the decoder is drained.
+        """
+        av = _import_av()
         ahead: deque = deque()
-        for packet in self._container.demux(self._stream):
+        demux = self._container.demux(self._stream)
+        while True:
+            try:
+                packet = next(demux)
+            except StopIteration:
+                break
+            except (av.error.FFmpegError, OSError) as err:  # OSError: raised by the file object (the store)
+                self._read_error = err
+                break
+            if packet.size:
+                self._largest_packet = max(self._largest_packet, packet.size)
             ahead.append(packet)
             if len(ahead) > _LOOKAHEAD_PACKETS:
                 yield ahead.popleft(), ahead
         while ahead:
             yield ahead.popleft(), ahead
+
+    def _frames(self, want: "_Wanted", can_skip: bool) -> Iterator[object]:
+        """Decoded frames from the current position (the start, or the last seek).
+
+        Before each packet is sent, non-reference frame skipping is switched on if no wanted
+        time falls in that packet's display interval. On an error the decoder is flushed and
+        the frames it still held (reordering delay) are yielded before the ``VideoError``.
+
+        Raises:
+            VideoError: ``decode``, ``truncated`` or ``storage``.
+        """
+        av = _import_av()
+        codec = self._stream.codec_context
+        tb, origin = self._time_base, self._origin_s
+        first_pts = None  # smallest pts sent since the start or the seek
+        self._read_error = None
+        error = None
+        packet = None
+        try:
+            for packet, ahead in self._packets():
+                pts, skip = packet.pts, False
+                if pts is not None:
+                    # Never skip the first frame shown since the start or a seek (it also stands
+                    # for the wanted times before it): only packets after an earlier one sent.
+                    if can_skip and first_pts is not None and pts > first_pts and not packet.is_keyframe:
+                        skip = not want.shows_in(pts * tb - origin, _next_time(pts, ahead, tb, origin))
+                    first_pts = pts if first_pts is None else min(first_pts, pts)
+                if skip != self._skipping:
+                    codec.skip_frame = "NONREF" if skip else "DEFAULT"
+                    self._skipping = skip
+                self._last_packet = packet
+                for frame in codec.decode(packet):
+                    self.frames_decoded += 1
+                    yield frame
+        except av.error.FFmpegError as err:
+            error = self._decode_error(err, packet)
+        if error is None and self._read_error is not None:
+            error = self._read_failure(self._read_error, packet)
+        if error is None:
+            return
+        try:
+            remaining = codec.decode(None)  # drain: frames held back for reordering
+        except av.error.FFmpegError:
+            remaining = []
+        for frame in remaining:
+            self.frames_decoded += 1
+            yield frame
+        raise error
 
     def clips(self, plan: list[Clip], seek_gap_keyframes: float = 2.0, skip_nonref: bool = True) -> Iterator[tuple[Clip, np.ndarray]]:
         """Yield ``(clip, frames)`` for each clip of the plan, in plan order.
@@ -309,11 +394,9 @@ class VideoReader:
             VideoError: decoding failed (``decode``), the file ends early (``truncated``) or
                 could not be read (``storage``). Clips yielded before the error are valid.
         """
-        av = _import_av()
         if not plan:
             return
         want = _Wanted(plan)
-        codec = self._stream.codec_context
         can_seek = not self._no_timestamps
         can_skip = skip_nonref and not self._no_timestamps
         tb, origin = self._time_base, self._origin_s
@@ -321,82 +404,73 @@ class VideoReader:
         prev = None  # [frame, time, rgb array or None]: the frame on screen until the next one
         last_time = -math.inf
         synth_time = 0.0  # next frame's time when the stream has no timestamps
-        no_seek_until = -math.inf  # after a seek that landed behind the decoder: no seek before this time
+        no_seek_until = -math.inf  # after a seek that could not help: no seek before this wanted time
         landing: tuple[float, float] | None = None  # after a seek: (target, back-off) until the first frame
-        packet = None
-        skipping = False
 
         def seek(target_s: float, back_off_s: float) -> bool:
-            nonlocal prev, landing, packets
+            nonlocal prev, landing, frames
             if not self._seek(target_s):
                 return False
             prev, landing = None, (target_s, back_off_s)
-            packets = self._packets()
+            frames = self._frames(want, can_skip)
             return True
 
-        packets = self._packets()
+        frames = self._frames(want, can_skip)
         if can_seek and want.next_time() > _INITIAL_SEEK_S:
             can_seek = seek(want.next_time(), 1.0)
-        try:
-            while not want.done():
-                restarted = False
-                for packet, ahead in packets:
-                    skip = can_skip and packet.pts is not None and not packet.is_keyframe and not want.shows_in(
-                        packet.pts * tb - origin, _next_time(packet.pts, ahead, tb, origin)
-                    )
-                    if skip != skipping:
-                        codec.skip_frame = "NONREF" if skip else "DEFAULT"
-                        skipping = skip
-                    for frame in codec.decode(packet):
-                        if self._no_timestamps:
-                            ftime, synth_time = synth_time, synth_time + self._frame_period_s
-                        elif frame.pts is not None:
-                            ftime = frame.pts * tb - origin
-                        elif prev is not None and self._frame_period_s:
-                            ftime = prev[1] + self._frame_period_s  # a frame without a timestamp: the next slot
-                        else:
-                            continue
-                        if frame.is_corrupt:
-                            raise VideoError("decode", f"{self.video_uri}: the decoder reports a corrupt frame at {ftime:.2f} s")
-                        if landing is not None:
-                            target_s, back_off_s = landing
-                            landing = None
-                            if ftime > want.next_time() + _TIME_EPS and target_s > 0:
-                                # Landed past the wanted time: try again further back.
-                                back = max(target_s - back_off_s, 0.0)
-                                restarted = seek(back, 2 * back_off_s)
-                                if restarted:
-                                    break
-                            if ftime <= last_time:
-                                no_seek_until = want.next_time()  # a keyframe-less stretch: decode through it
-                        if frame.key_frame and (not keyframes or ftime > keyframes[-1]):
-                            keyframes = [*keyframes[-1:], ftime]
-                        if prev is not None:
-                            want.assign(prev, ftime, self._convert)  # prev is on screen until this frame's time
-                        elif want.next_time() + _TIME_EPS < ftime:
-                            # Wanted times before the first frame: the first frame is what shows.
-                            want.assign([frame, ftime, None], ftime, self._convert)
-                        prev = [frame, ftime, None]
-                        last_time = max(last_time, ftime)
-                        yield from want.ready()
-                        if want.done():
-                            return
-                        gap = want.next_time() - ftime
-                        if can_seek and len(keyframes) == 2 and want.next_time() > no_seek_until:
-                            gop = max(keyframes[1] - keyframes[0], 1e-3)
-                            if gap > seek_gap_keyframes * gop:
-                                restarted = seek(want.next_time(), gop)
-                                can_seek = restarted
-                                if restarted:
-                                    break
-                    if restarted or want.done():
-                        break
-                if not restarted:
-                    break
-        except av.error.FFmpegError as err:
-            raise self._decode_error(err, packet, last_time) from err
-        except OSError as err:  # raised by the file object: the store failed mid-read
-            raise VideoError("storage", f"{self.video_uri}: read failed near {max(last_time, 0):.2f} s: {err}") from err
+        while not want.done():
+            restarted = False
+            for frame in frames:
+                if self._no_timestamps:
+                    ftime, synth_time = synth_time, synth_time + self._frame_period_s
+                elif frame.pts is not None:
+                    ftime = frame.pts * tb - origin
+                elif prev is not None and self._frame_period_s:
+                    ftime = prev[1] + self._frame_period_s  # a frame without a timestamp: the next slot
+                else:
+                    continue
+                if frame.is_corrupt:
+                    if self._ends_at_eof(self._last_packet):
+                        raise VideoError("truncated", f"{self.video_uri}: the decoder reports a corrupt frame at {ftime:.2f} s, at the end of the file (cut short?)")
+                    raise VideoError("decode", f"{self.video_uri}: the decoder reports a corrupt frame at {ftime:.2f} s")
+                if landing is not None:
+                    target_s, back_off_s = landing
+                    landing = None
+                    if ftime > want.next_time() + _TIME_EPS and target_s > 0:
+                        # Landed past the wanted time (an imprecise demuxer, e.g. MPEG-TS): try
+                        # again further back, then decode forward from there.
+                        restarted = seek(max(target_s - back_off_s, 0.0), 2 * back_off_s)
+                        if restarted:
+                            no_seek_until = want.next_time()
+                            break
+                    if ftime <= last_time:
+                        no_seek_until = want.next_time()  # landed behind the decoder: decode through instead
+                if frame.key_frame and (not keyframes or ftime > keyframes[-1]):
+                    keyframes = [*keyframes[-1:], ftime]
+                if prev is not None:
+                    want.assign(prev, ftime, self._convert)  # prev is on screen until this frame's time
+                elif want.next_time() + _TIME_EPS < ftime:
+                    # Wanted times before the first frame: the first frame is what shows.
+                    want.assign([frame, ftime, None], ftime, self._convert)
+                prev = [frame, ftime, None]
+                last_time = max(last_time, ftime)
+                yield from want.ready()
+                if want.done():
+                    return
+                if can_seek and len(keyframes) == 2 and want.next_time() > no_seek_until:
+                    gop = max(keyframes[1] - keyframes[0], 1e-3)
+                    if want.next_time() - ftime > seek_gap_keyframes * gop:
+                        restarted = seek(want.next_time(), gop)
+                        can_seek = restarted
+                        if restarted:
+                            break
+            if not restarted and landing is not None and landing[0] > 0:
+                # A seek that reached the end of the stream without a frame: back off too.
+                target_s, back_off_s = landing
+                restarted = seek(max(target_s - back_off_s, 0.0), 2 * back_off_s)
+                no_seek_until = want.next_time()
+            if not restarted:
+                break
 
         if not want.done() and prev is not None:
             # End of stream: the last frame stays on screen for one frame period. A plan made
@@ -414,12 +488,49 @@ class VideoReader:
         if not want.done():
             raise VideoError("decode", f"{self.video_uri}: no decodable frames for clip {want.next_clip()} and after")
 
-    def _decode_error(self, err: BaseException, packet, last_time: float) -> VideoError:
-        """A decoder/demuxer error -> ``truncated`` when the failing packet reaches the end of the file."""
-        where = f"near {max(last_time, 0):.2f} s"
-        if packet is not None and packet.pos is not None and packet.pos >= 0 and packet.pos + packet.size >= self._file_size:
+    def _decode_error(self, err: BaseException, packet) -> VideoError:
+        """The decoder refused a packet: ``truncated`` if the packet runs to the end of the file,
+        or the demuxer flagged it as incomplete (a short read) near the end; else ``decode``."""
+        where = self._where(packet)
+        if self._ends_at_eof(packet, slack=0) or (packet is not None and packet.is_corrupt and self._ends_at_eof(packet)):
             return VideoError("truncated", f"{self.video_uri}: the file ends inside a packet {where} (cut short?): {_msg(err)}")
         return VideoError("decode", f"{self.video_uri}: decoding failed {where}: {_msg(err)}")
+
+    def _read_failure(self, err: BaseException, packet) -> VideoError:
+        """The demuxer (or the store) failed: ``storage`` for a read error; ``truncated`` when the
+        demuxer failed at the end of the file; else ``decode``."""
+        where = self._where(packet)
+        if not isinstance(err, _import_av().error.FFmpegError):
+            return VideoError("storage", f"{self.video_uri}: read failed {where}: {err}")
+        if self._ends_at_eof(packet):
+            return VideoError("truncated", f"{self.video_uri}: the file ends inside a packet {where} (cut short?): {_msg(err)}")
+        return VideoError("decode", f"{self.video_uri}: reading packets failed {where}: {_msg(err)}")
+
+    def _ends_at_eof(self, packet, slack: int | None = None) -> bool:
+        """Does ``packet`` end within ``slack`` bytes of the end of the file (default: two of
+        the largest packets read, at least 4 KiB, which covers container headers between packets)?"""
+        if packet is None or packet.pos is None or packet.pos < 0:
+            return False
+        if slack is None:
+            slack = max(4096, 2 * self._largest_packet)
+        return packet.pos + packet.size >= self._file_size - slack
+
+    def _where(self, packet) -> str:
+        if packet is not None and packet.pts is not None and not self._no_timestamps:
+            return f"near {max(packet.pts * self._time_base - self._origin_s, 0.0):.2f} s"
+        return f"at byte {packet.pos}" if packet is not None and packet.pos is not None else "at the start"
+
+
+def _parse_duration_tag(value: str | None) -> float | None:
+    """``"HH:MM:SS.fffffffff"`` (Matroska's per-stream DURATION tag) -> seconds; None if absent or malformed."""
+    if not value:
+        return None
+    try:
+        hours, minutes, seconds = value.strip().split(":")
+        total = int(hours) * 3600 + int(minutes) * 60 + float(seconds)
+    except ValueError:
+        return None
+    return total if total > 0 else None
 
 
 def _next_time(pts: int, ahead: deque, time_base: float, origin_s: float) -> float:
@@ -477,7 +588,8 @@ class _Wanted:
 
 
 def _msg(err: BaseException) -> str:
-    text = str(err).strip() or type(err).__name__
+    """One short line for an error: FFmpeg's reason without its errno and file name."""
+    text = (getattr(err, "strerror", None) or str(err)).strip() or type(err).__name__
     return text.splitlines()[0][:300]
 
 
