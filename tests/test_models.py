@@ -44,3 +44,102 @@ def test_bad_config_is_refused(kwargs):
 def test_to_model_input_refuses_wrong_layout():
     with pytest.raises(ValueError, match=r"\(B, T, H, W, 3\)"):
         to_model_input(np.zeros((2, 3, 32, 32), np.uint8))
+
+
+# ----------------------------------------------------------------------------- backbones
+
+
+def test_torchvision_backbone_without_torchvision_says_what_to_do(monkeypatch):
+    import sys
+
+    from rnnimg.models.crnn import BackboneUnavailable
+
+    monkeypatch.setitem(sys.modules, "torchvision", None)  # import torchvision -> ImportError, as where it is missing
+    with pytest.raises(BackboneUnavailable) as err:
+        CRNN(CRNNConfig(backbone="resnet18"))
+    message = str(err.value)
+    assert "backbone 'resnet18' needs torchvision, which is not importable here" in message
+    assert "pip install 'rnnimg[vision]'" in message and "use backbone 'small'" in message
+    assert isinstance(err.value, ValueError) and isinstance(err.value, ImportError)  # the CLI reports it in one line
+
+
+def _torchvision_importable() -> bool:
+    try:
+        import torchvision  # noqa: F401
+    except Exception:  # noqa: BLE001 - a torchvision built for another torch fails in many ways
+        return False
+    return True
+
+
+@pytest.mark.skipif(not _torchvision_importable(), reason="torchvision is not importable beside this torch")
+def test_resnet18_backbone_runs_and_takes_torchvision_weights_from_a_file(tmp_path):
+    import torchvision
+    from safetensors.torch import save_file
+
+    from rnnimg.models.crnn import load_backbone_weights
+
+    config = CRNNConfig(backbone="resnet18", frame_size=64, grid=1, feature_dim=512, rnn_hidden=32)
+    model = CRNN(config).eval()
+    clip_logits, frame_logits = model(torch.rand(2, 3, 3, 64, 64) - 0.5)
+    assert clip_logits.shape == (2, 2) and frame_logits.shape == (2, 3, 2)
+    torch.manual_seed(1)
+    reference = torchvision.models.resnet18(weights=None).state_dict()
+    save_file(reference, str(tmp_path / "resnet18.safetensors"))
+    load_backbone_weights(model, str(tmp_path / "resnet18.safetensors"))
+    assert torch.equal(model.backbone.net.conv1.weight, reference["conv1.weight"])
+
+
+class NotWeights:
+    """An arbitrary pickled object: torch.load(weights_only=True) must refuse to build it."""
+
+
+def test_small_backbone_weights_come_from_a_file_never_a_pickle(tmp_path):
+    from safetensors.torch import save_file
+
+    from rnnimg.models.crnn import load_backbone_weights
+
+    torch.manual_seed(0)
+    earlier = CRNN(CRNNConfig())
+    save_file({k: v.contiguous() for k, v in earlier.state_dict().items()}, str(tmp_path / "earlier.safetensors"))
+    torch.save(earlier.backbone.state_dict(), tmp_path / "backbone.pt")
+    for name in ("earlier.safetensors", "backbone.pt"):
+        torch.manual_seed(1)
+        model = CRNN(CRNNConfig())
+        load_backbone_weights(model, str(tmp_path / name))
+        for (key, a), b in zip(model.backbone.state_dict().items(), earlier.backbone.state_dict().values()):
+            assert torch.equal(a, b), (name, key)
+        assert not torch.equal(model.clip_head.weight, earlier.clip_head.weight)  # only the backbone
+
+    with pytest.raises(ValueError, match=r"backbone weights do not fit the small CNN: shape of stages.0.weight is"):
+        load_backbone_weights(CRNN(CRNNConfig(cnn_channels=(8, 32, 64, 64))), str(tmp_path / "backbone.pt"))
+    with pytest.raises(FileNotFoundError, match="no weights file at"):
+        load_backbone_weights(CRNN(CRNNConfig()), str(tmp_path / "missing.safetensors"))
+
+    torch.save({"obj": NotWeights()}, tmp_path / "pickled.pt")
+    with pytest.raises(ValueError, match="not a safetensors file nor a weights-only torch state dict"):
+        load_backbone_weights(CRNN(CRNNConfig()), str(tmp_path / "pickled.pt"))
+
+
+def test_channels_last_gives_the_same_outputs():
+    torch.manual_seed(0)
+    model = CRNN(CRNNConfig(frame_size=32)).eval()
+    x = torch.rand(2, 4, 3, 32, 32) - 0.5
+    with torch.no_grad():
+        expected = model(x)[0]
+        model.use_channels_last()
+        assert model.backbone.stages[0].weight.is_contiguous(memory_format=torch.channels_last)
+        torch.testing.assert_close(model(x)[0], expected, rtol=1e-5, atol=1e-5)
+
+
+def test_to_model_input_converts_where_the_clips_are():
+    clips = torch.full((1, 2, 4, 4, 3), 255, dtype=torch.uint8)
+    x = to_model_input(clips)
+    assert x.dtype == torch.float32 and x.device == clips.device and x.shape == (1, 2, 3, 4, 4)
+    assert torch.all(x == 0.5)
+
+
+@pytest.mark.parametrize("kwargs, needle", [({"backbone": "vit"}, "backbone must be one of"), ({"grid": 0}, "grid must be >= 1, got 0"),
+                                            ({"backbone_weights": None}, "backbone_weights must be a file or store URL")])
+def test_bad_backbone_config_is_refused(kwargs, needle):
+    with pytest.raises(ValueError, match=needle):
+        CRNNConfig(**kwargs)

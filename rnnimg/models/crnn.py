@@ -231,7 +231,7 @@ class CRNN(nn.Module):
 
     On a GPU, ``use_channels_last()`` stores the CNN's weights and frames channels-last, which
     the convolution kernels run fastest on under bf16 autocast. The reference recurrent cells
-    (``rnn_impl="reference"``) take float32 only, so autocast is switched off around them.
+    (``rnn_impl="reference"``) take their weights' dtype only, so autocast is switched off around them.
 
     Raises (constructor):
         BackboneUnavailable: a torchvision backbone without torchvision importable.
@@ -262,8 +262,9 @@ class CRNN(nn.Module):
         if hasattr(self.rnn, "flatten_parameters"):
             self.rnn.flatten_parameters()
         if self.config.rnn_impl == "reference":
+            weights_dtype = next(self.rnn.parameters()).dtype
             with torch.autocast(per_frame.device.type, enabled=False):
-                sequence, _ = self.rnn(per_frame.float())  # (B, T, D) -> (B, T, R), float32
+                sequence, _ = self.rnn(per_frame.to(weights_dtype))  # (B, T, D) -> (B, T, R), in the weights' dtype
         else:
             sequence, _ = self.rnn(per_frame)  # (B, T, D) -> (B, T, R)
         return sequence
