@@ -25,7 +25,7 @@ SHARD = "2"
 @pytest.fixture(scope="module")
 def archive(tmp_path_factory):
     root = tmp_path_factory.mktemp("resume")
-    make_archive(str(root), SynthConfig(videos=16, unlabelled=0, seed=7, seconds=6.0))
+    make_archive(str(root), SynthConfig(videos=24, unlabelled=0, seed=7, seconds=8.0))
     return os.path.join(root, "videos")
 
 
@@ -81,9 +81,9 @@ def wait_for(condition, timeout: float, process: subprocess.Popen | None = None)
 
 def test_driver_killed_at_several_points_then_rerun_gives_exactly_the_reference(archive, untrained_model, reference, tmp_path):
     out = str(tmp_path / "labels")
-    shards = 8  # 16 videos, 2 per shard
-    # Kill points: as soon as the run has its identity (no shard yet), after the first commit, after half.
-    for point in (lambda: os.path.exists(os.path.join(out, "_run", "manifest.parquet")), lambda: commits(out) >= 1, lambda: commits(out) >= shards // 2):
+    shards = 12  # 24 videos, 2 per shard
+    # Kill points: as soon as the run has its identity (no shard yet), after the first commit, after a few.
+    for point in (lambda: os.path.exists(os.path.join(out, "_run", "manifest.parquet")), lambda: commits(out) >= 1, lambda: commits(out) >= 3):
         process = start_cli(archive, untrained_model, out, tmp_path)
         reached = wait_for(point, timeout=120, process=process)
         kill_group(process)
@@ -136,7 +136,7 @@ def test_worker_killed_mid_run_the_run_heals_itself(archive, untrained_model, re
     result = label(archive, untrained_model, out, LabelConfig(videos_per_shard=int(SHARD)))
     thread.join(timeout=5)
     assert killed, "no decode worker was seen to kill"
-    assert result.ok == result.videos == 16
+    assert result.ok == result.videos == 24
     got = tables(out)
     for name in reference:
         pd.testing.assert_frame_equal(got[name], reference[name])
