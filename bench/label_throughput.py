@@ -42,6 +42,9 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from machine import cpu_model  # noqa: E402  (bench/machine.py)
+
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -337,15 +340,6 @@ def conversion(path: str, frame_size: int) -> list[tuple[str, float, float]]:
 # ----------------------------------------------------------------------------- report
 
 
-def cpu_model() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-        for line in out.splitlines():
-            if line.startswith("Model name:"):
-                return line.split(":", 1)[1].strip()
-    except (OSError, subprocess.CalledProcessError):
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def versions() -> str:
