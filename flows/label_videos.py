@@ -11,7 +11,7 @@ Store layout under the base output ``BASE`` (local folder or ``s3://``)::
                                  and the run in progress, if any
     BASE/_lock/lock-NNNNNNNN.json   the lock: one run at a time writes under BASE
 
-A run lists the input (``rnnimg.manifest.resolve_videos``), compares it with the listings of the
+A run lists the input (``rnnimg.manifest.resolve_all``), compares it with the listings of the
 earlier completed runs of the same model (``BASE/runs/*/_run/manifest.parquet``) and labels only
 the videos that are new or whose size or version changed; a new model (other weights) has no
 earlier runs, so it relabels everything; ``full`` relabels everything anyway. Nothing new: no run
@@ -51,7 +51,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from rnnimg import storage
 from rnnimg.label import LabelConfig, LabelResult, clip_accuracy, label
-from rnnimg.manifest import VideoRow, resolve_videos
+from rnnimg.manifest import VideoRow, resolve_all
 
 log = logging.getLogger("rnnimg.flows.label_videos")
 
@@ -338,13 +338,7 @@ def list_input(videos: list[str], splits: list[str] | None) -> list[VideoRow]:
     Raises:
         ValueError: nothing listed.
     """
-    rows: dict[str, VideoRow] = {}
-    for location in videos:
-        for row in resolve_videos(location, splits):
-            rows.setdefault(row.video_uri, row)
-    if not rows:
-        raise ValueError(f"no videos found at {', '.join(videos)}" + (f" with split in {splits}" if splits else ""))
-    return list(rows.values())
+    return resolve_all(videos, splits)
 
 
 def labelled_before(base: str, state: dict, model_id: str) -> dict[str, tuple[int, str]]:

@@ -31,7 +31,7 @@ from typing import Iterator
 import numpy as np
 
 from rnnimg import storage, tables
-from rnnimg.manifest import VideoRow, resolve_videos, shards
+from rnnimg.manifest import VideoRow, resolve_all, shards
 from rnnimg.models.crnn import CRNNConfig
 from rnnimg.video.clips import ClipSpec, uniform_clips
 
@@ -292,15 +292,9 @@ def _input_rows(out: str, videos: list[str], splits: list[str] | None) -> list[V
     if storage.exists(path):
         table = storage.read_table(path)
         return [VideoRow(**r) for r in table.to_pylist()]
-    rows: dict[str, VideoRow] = {}
-    for location in videos:
-        for row in resolve_videos(location, splits):
-            rows.setdefault(row.video_uri, row)
-    if not rows:
-        raise LabelError(f"no videos found at {', '.join(videos)}" + (f" with split in {splits}" if splits else ""))
-    table = pa.Table.from_pylist([asdict(r) for r in rows.values()])
-    storage.write_table(table, path)
-    return list(rows.values())
+    rows = resolve_all(videos, splits)
+    storage.write_table(pa.Table.from_pylist([asdict(r) for r in rows]), path)
+    return rows
 
 
 def label(
@@ -323,7 +317,8 @@ def label(
         run_id: name of the run (default: a new one, or the one already in ``out``).
 
     Raises:
-        LabelError: no videos, no model, or ``out`` holds a run with other settings.
+        LabelError: no model, or ``out`` holds a run with other settings.
+        ManifestError: no videos, or an unusable manifest.
     """
     import ray
     from ray.data import ActorPoolStrategy

@@ -110,6 +110,22 @@ def resolve_videos(location: str, splits: list[str] | None = None) -> list[Video
     return [VideoRow(video_uri=storage.normalize(location), size=info.size, version=info.version)]
 
 
+def resolve_all(locations: list[str], splits: list[str] | None = None) -> list[VideoRow]:
+    """Videos named by several locations (see ``resolve_videos``); a URI named twice is kept once.
+
+    Raises:
+        FileNotFoundError: a location does not exist.
+        ManifestError: a manifest is unusable, or no video was found at all.
+    """
+    rows: dict[str, VideoRow] = {}
+    for location in locations:
+        for row in resolve_videos(location, splits):
+            rows.setdefault(row.video_uri, row)
+    if not rows:
+        raise ManifestError(f"no videos found at {', '.join(locations)}" + (f" with split in {splits}" if splits else ""))
+    return list(rows.values())
+
+
 def shards(rows: list[VideoRow], videos_per_shard: int) -> list[list[VideoRow]]:
     """Cut rows, sorted by URI, into consecutive shards: the same input gives the same shards."""
     if videos_per_shard < 1:
