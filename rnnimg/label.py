@@ -338,6 +338,9 @@ def label(
     timings = {"plan": time.perf_counter() - started}
 
     if pending:
+        # A run killed mid-write leaves temporaries next to the tables: clear them before redoing.
+        for table in ("clips", "segments", "videos", "_commits"):
+            storage.remove_temporaries(storage.join(out, table))
         ensure_ray(ray_address)
         items = [{"shard": i, "video_uri": row.video_uri} for i in pending for row in all_shards[i]]
         gpus = config.gpus_per_actor

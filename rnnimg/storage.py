@@ -289,7 +289,8 @@ def write_bytes(location: str, data: bytes) -> None:
                 f.write(data)
             return
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        tmp = os.path.join(os.path.dirname(path), f"{TEMP_PREFIX}{uuid.uuid4().hex}-{os.path.basename(path)}")
+        # The ".partial" suffix keeps globs like "*.parquet" off an unfinished file.
+        tmp = os.path.join(os.path.dirname(path), f"{TEMP_PREFIX}{uuid.uuid4().hex}-{os.path.basename(path)}.partial")
         try:
             with open(tmp, "wb") as f:
                 f.write(data)
@@ -301,6 +302,28 @@ def write_bytes(location: str, data: bytes) -> None:
                 os.remove(tmp)
 
     retry(_write, f"write {location}")
+
+
+def remove_temporaries(location: str) -> int:
+    """Delete the temporaries that writes killed mid-way left in a local folder; S3 has none.
+
+    Returns:
+        How many were removed.
+    """
+    if is_s3(location):
+        return 0
+    _, path = resolve(location)
+    if not os.path.isdir(path):
+        return 0
+    removed = 0
+    for name in os.listdir(path):
+        if name.startswith(TEMP_PREFIX):
+            try:
+                os.remove(os.path.join(path, name))
+                removed += 1
+            except FileNotFoundError:
+                pass
+    return removed
 
 
 def read_json(location: str) -> dict:

@@ -74,3 +74,11 @@ def test_s3_round_trip_tables_listing_and_buffered_reads(s3_bucket):
 def test_s3_missing_bucket_is_a_clear_error(s3_server):
     with pytest.raises((FileNotFoundError, storage.StorageError, OSError)):
         storage.read_bytes("s3://no-such-bucket-rnnimg/x")
+
+
+def test_temporaries_of_killed_writes_are_removable_and_never_look_like_tables(tmp_path):
+    storage.write_bytes(str(tmp_path / "t" / "shard-00000.parquet"), b"whole")
+    (tmp_path / "t" / ".tmp-abc-shard-00001.parquet.partial").write_bytes(b"half")
+    assert [p.name for p in (tmp_path / "t").glob("*.parquet")] == ["shard-00000.parquet"]
+    assert storage.remove_temporaries(str(tmp_path / "t")) == 1
+    assert sorted(p.name for p in (tmp_path / "t").iterdir()) == ["shard-00000.parquet"]
