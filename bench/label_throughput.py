@@ -8,9 +8,15 @@ clips of 8 frames every 2 s), one run measures and prints:
   process (as one Ray decode task runs it); also without non-reference frame skipping
   (``skip_nonref=False``), to show what skipping buys;
 * (b) **label job**: ``rnnimg.label.label`` with an untrained default CRNN on the local Ray
-  (decode + model + Parquet), wall time; and the CPU time of the driver and every Ray process
-  (sampled with psutil), as seconds of video labelled per CPU-second;
+  (decode + model + Parquet): the CPU time of the driver and every Ray process (sampled with
+  psutil, split into decode / model / driver / Ray), and the wall time;
 * (c) **naive**: decode every frame, convert every frame to RGB, then pick the planned ones;
+
+(a), (c) and a decode-all reference run in one process on the ``--distinct`` separately
+encoded videos of each configuration (the copies decode identically); (b) runs on all of them.
+The ratios are per CPU-second, with and without a job's fixed cost (model actor start-up,
+listing, commits), and also per wall-clock second of (b) on the whole machine against one
+process.
 * **memory**: peak RSS (``ru_maxrss``) of the decode + model path (``decode_video`` feeding a
   ``Predictor``, no Ray) on one 60-minute 640x360 video and on a 1-minute one, each in a fresh
   subprocess (the long video is a 1-minute encode repeated by remuxing, so it takes seconds to make);
@@ -20,7 +26,7 @@ clips of 8 frames every 2 s), one run measures and prints:
 Frame rates count planned frames (clips x frames per clip). Targets: (b) >= 0.7 x (a) and
 (b) >= 2 x (c); memory ratio <= 1.25. Results go to a section of ``bench/RESULTS_label.md``.
 
-    .venv/bin/python bench/label_throughput.py                 # everything (about 5 minutes on 2 cores)
+    .venv/bin/python bench/label_throughput.py                 # everything (about 6 minutes on 2 cores)
     .venv/bin/python bench/label_throughput.py --videos 4 --seconds 20 --long-minutes 20
 """
 
@@ -206,7 +212,7 @@ class TreeCPU:
     """CPU seconds used by this process and all its descendants (Ray's raylet, workers, ...) while running.
 
     Samples every ``interval_s`` so that processes which exit during the run are counted up to
-    their last sample.
+    their last sample. ``by_role`` splits the total by what each process was doing.
     """
 
     def __init__(self, interval_s: float = 0.2):
@@ -216,6 +222,7 @@ class TreeCPU:
         self._interval = interval_s
         self._base: dict = {}
         self._last: dict = {}
+        self._names: dict = {}
         self._stop = threading.Event()
 
     def _sample(self) -> dict:
@@ -224,7 +231,11 @@ class TreeCPU:
         for proc in [me, *me.children(recursive=True)]:
             try:
                 times = proc.cpu_times()
-                seen[(proc.pid, proc.create_time())] = times.user + times.system
+                key = (proc.pid, proc.create_time())
+                seen[key] = times.user + times.system
+                name = " ".join(proc.cmdline())
+                if (name.startswith("ray::") and "IDLE" not in name) or key not in self._names:
+                    self._names[key] = name  # an idle worker keeps the name of what it ran
             except (self._psutil.NoSuchProcess, self._psutil.AccessDenied, self._psutil.ZombieProcess):
                 continue
         return seen
@@ -249,6 +260,22 @@ class TreeCPU:
     def seconds(self) -> float:
         return sum(v - self._base.get(k, 0.0) for k, v in self._last.items())
 
+    def by_role(self) -> dict[str, float]:
+        """CPU seconds of: decode (probe + decode tasks), model (Predictor actors), driver, ray (the rest)."""
+        roles = {"decode": 0.0, "model": 0.0, "driver": 0.0, "ray": 0.0}
+        for key, value in self._last.items():
+            name = self._names.get(key, "")
+            if key[0] == os.getpid():
+                role = "driver"
+            elif "Predictor" in name:
+                role = "model"
+            elif "decode_pack" in name or "plan_videos" in name or name.startswith("ray::IDLE"):
+                role = "decode"
+            else:
+                role = "ray"
+            roles[role] += value - self._base.get(key, 0.0)
+        return roles
+
 
 def label_job(folder: str, model: str, out: str, config) -> dict:
     """(b): the whole labelling job on the running local Ray."""
@@ -258,7 +285,7 @@ def label_job(folder: str, model: str, out: str, config) -> dict:
         wall = time.perf_counter()
         result = label(folder, model, out, config)
         wall = time.perf_counter() - wall
-    return {"clips": result.clips, "ok": result.ok, "videos": result.videos, "wall": wall, "cpu": cpu.seconds}
+    return {"clips": result.clips, "ok": result.ok, "videos": result.videos, "wall": wall, "cpu": cpu.seconds, "roles": cpu.by_role()}
 
 
 def memory_child(video: str, model: str) -> None:
@@ -275,8 +302,8 @@ def memory_child(video: str, model: str) -> None:
     for out in decode_video(batch, spec.to_dict(), config.frame_size, 32):
         predicted = predictor(out)
         clips += int((~out["is_status"]).sum())
-        if out["is_status"][0]:
-            status = str(predicted["status"][0])
+        for j in np.flatnonzero(out["is_status"]):
+            status = str(predicted["status"][j])
     peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
     print(json.dumps({"peak_rss_mb": peak_kb / 1024, "clips": clips, "status": status, "seconds": time.perf_counter() - started}))
 
@@ -365,9 +392,10 @@ def write_section(text: str) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--videos", type=int, default=8, help="videos per configuration (default 8)")
+    parser.add_argument("--videos", type=int, default=32, help="videos per configuration for (b), the label job (default 32)")
     parser.add_argument("--seconds", type=float, default=30.0, help="length of each video (default 30)")
-    parser.add_argument("--distinct", type=int, default=4, help="separately encoded videos per configuration; the rest are copies (default 4)")
+    parser.add_argument("--distinct", type=int, default=4,
+                        help="separately encoded videos per configuration; the rest are copies. (a), (c) and decode-all run on these (default 4)")
     parser.add_argument("--long-minutes", type=int, default=60, help="length of the long video of the memory test (default 60)")
     parser.add_argument("--cpus", type=int, default=os.cpu_count() or 2, help="CPUs for the local Ray (default: all)")
     parser.add_argument("--no-write", action="store_true", help=f"print only; do not update {RESULTS.name}")
@@ -406,31 +434,31 @@ def main() -> None:
         bitrates = {key: 8 * sum(os.path.getsize(os.path.join(f, n)) for n in os.listdir(f)) / (args.videos * args.seconds) / 1e6
                     for key, f in folders.items()}
 
-        print("measuring (a) ceiling, (c) naive ...", flush=True)
+        print("measuring (a) ceiling, (c) naive, decode-all ...", flush=True)
         decode_rows = {}
         for key, folder in folders.items():
             paths = sorted(os.path.join(folder, n) for n in os.listdir(folder))
-            # The two reference measurements run on the separately encoded videos only (the
-            # copies decode identically); their rates are compared per video or per frame.
+            # The one-process measurements run on the separately encoded videos: the copies
+            # decode identically, and every rate below is per frame or per CPU-second.
             distinct = paths[: max(1, min(args.distinct, len(paths)))]
             decode_rows[key] = {
-                "a": ceiling(paths, spec, config.frame_size, skip_nonref=True),
+                "a": ceiling(distinct, spec, config.frame_size, skip_nonref=True),
                 "a_noskip": ceiling(distinct, spec, config.frame_size, skip_nonref=False),
-                "c": naive(paths, spec),
-                "d": {**decode_all(distinct), "videos": len(distinct)},
+                "c": naive(distinct, spec),
+                "d": decode_all(distinct),
             }
 
         print("measuring (b) label job on local Ray ...", flush=True)
         ray.init(num_cpus=args.cpus, log_to_driver=False, include_dashboard=False)
         label_config = LabelConfig()
-        # Warm-up: Ray Data's first job starts workers and imports torch in them. Then the fixed
-        # cost of a job (actor start-up, model load, listing, commits): the best of two jobs on one
+        # Warm-up: Ray Data's first job starts workers and imports in them. Then the fixed cost of
+        # a job (model actor start-up and load, listing, commits): the best of two jobs on one
         # 2-second video.
         tiny = os.path.join(work, "tiny")
         os.makedirs(tiny)
         encode(os.path.join(tiny, "tiny.mp4"), 2.0, 240, 320, 30, preset="ultrafast")
         label_job(tiny, model, os.path.join(work, "labels-warm"), label_config)
-        fixed_s = min(label_job(tiny, model, os.path.join(work, f"labels-tiny-{k}"), label_config)["wall"] for k in range(2))
+        fixed = min((label_job(tiny, model, os.path.join(work, f"labels-tiny-{k}"), label_config) for k in range(2)), key=lambda r: r["wall"])
         job_rows = {key: label_job(folder, model, os.path.join(work, f"labels-{i}"), label_config)
                     for i, (key, folder) in enumerate(folders.items())}
         ray.shutdown()
@@ -455,49 +483,65 @@ def main() -> None:
         f"{args.seconds:g} s at {FPS} fps, libx264 veryfast (3 B-frames), crf 18, fixed GOP; generated in {generated_s:.0f} s")
     say(f"- plan: {spec.frames_per_clip} frames per {spec.clip_seconds:g}-second clip every {spec.stride_seconds:g} s, "
         f"frames resized to {config.frame_size}x{config.frame_size}; the untrained default CRNN")
-    say(f"- (b): `rnnimg.label.label` with `{label_config}` on a local Ray of {args.cpus} CPUs, after one warm-up job; "
-        "its CPU time is the driver's plus every Ray process's (psutil, sampled every 0.2 s)")
+    say(f"- (a), (c), decode-all: one process, one decoder thread, on the {args.distinct} separately encoded videos of each configuration")
+    say(f"- (b): `rnnimg.label.label` with `{label_config}` on a local Ray of {args.cpus} CPUs over all {args.videos} videos, after one "
+        "warm-up job; its CPU time is the driver's plus every Ray process's (psutil, sampled every 0.2 s)")
+    say(f"- fixed cost of a job (the best of two jobs on one 2-second video: model actor start-up and load, listing, commits): "
+        f"{fixed['wall']:.1f} s wall, {fixed['cpu']:.1f} CPU-s; \"steady\" = the job without it")
     say()
-    say("| config | Mbit/s | decoded / planned | (a) ceiling | (a) no skip | (b) job | (b) steady | (c) naive | "
-        "(b) job / (a) | (b) steady / (a) | (b) job / (c) | (b) steady / (c) | (b) video s / CPU s | skip gain | (a) CPU / decode-all CPU |")
-    say("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
-    ratios = {"job / (a)": [], "steady / (a)": [], "job / (c)": [], "steady / (c)": []}
+    say("Rates, in planned frames (clips x frames per clip) per CPU-second, and per wall-clock second where marked:")
+    say()
+    say("| config | Mbit/s | (a) decoded / planned | (a) ceiling | (a) no skip | decode-all, no RGB (frames) | (c) naive | "
+        "(b) job | (b) steady | (b) job, wall | (b) video s / CPU-s | (b) CPU-s: decode / model / driver / Ray | skip gain | (a) CPU / decode-all CPU |")
+    say("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|")
+    per_cpu = {"job / (a)": [], "steady / (a)": [], "job / (c)": [], "steady / (c)": []}
+    wall = {"job / (a)": [], "job / (c)": []}
+    ratio_rows = []
     for key in folders:
         height, width, gop = key
         (a, a0, c, d), b = (decode_rows[key][k] for k in ("a", "a_noskip", "c", "d")), job_rows[key]
         planned = b["clips"] * spec.frames_per_clip
-        a_fps, a0_fps, c_fps = a["frames"] / a["wall"], a0["frames"] / a0["wall"], c["frames"] / c["wall"]
-        job_fps = planned / b["wall"]
-        # The steady rate is only meaningful when the job is well above its fixed cost.
-        steady_fps = planned / (b["wall"] - fixed_s) if b["wall"] > 1.25 * fixed_s else float("nan")
-        row = {"job / (a)": job_fps / a_fps, "steady / (a)": steady_fps / a_fps, "job / (c)": job_fps / c_fps, "steady / (c)": steady_fps / c_fps}
+        a_rate, a0_rate, c_rate = a["frames"] / a["cpu"], a0["frames"] / a0["cpu"], c["frames"] / c["cpu"]
+        job_rate = planned / b["cpu"]
+        steady_rate = planned / (b["cpu"] - fixed["cpu"]) if b["cpu"] > 1.25 * fixed["cpu"] else float("nan")
+        job_wall = planned / b["wall"]
+        row = {"job / (a)": job_rate / a_rate, "steady / (a)": steady_rate / a_rate, "job / (c)": job_rate / c_rate, "steady / (c)": steady_rate / c_rate}
+        wall_row = {"job / (a)": job_wall / (a["frames"] / a["wall"]), "job / (c)": job_wall / (c["frames"] / c["wall"])}
         for name, value in row.items():
             if not np.isnan(value):
-                ratios[name].append(value)
-        say(f"| {width}x{height} GOP {gop} | {bitrates[key]:.2f} | {a['decoded']}/{a['frames']} | {a_fps:,.0f} ({a['frames'] / a['cpu']:,.0f}) | "
-            f"{a0_fps:,.0f} ({a0['frames'] / a0['cpu']:,.0f}) | {job_fps:,.0f} | {steady_fps:,.0f} | {c_fps:,.0f} ({c['frames'] / c['cpu']:,.0f}) | "
-            + " | ".join(f"{v:.2f}" for v in row.values())
-            + f" | {args.videos * args.seconds / b['cpu']:.1f} | {(a['frames'] / a['cpu']) / (a0['frames'] / a0['cpu']):.2f} | "
-            f"{(a['cpu'] / args.videos) / (d['cpu'] / d['videos']):.2f} |")
+                per_cpu[name].append(value)
+        for name, value in wall_row.items():
+            wall[name].append(value)
+        roles = b["roles"]
+        say(f"| {width}x{height} GOP {gop} | {bitrates[key]:.2f} | {a['decoded']}/{a['frames']} | {a_rate:,.0f} | {a0_rate:,.0f} | "
+            f"{d['decoded'] / d['cpu']:,.0f} | {c_rate:,.0f} | {job_rate:,.0f} | {steady_rate:,.0f} | {job_wall:,.0f} | "
+            f"{args.videos * args.seconds / b['cpu']:.1f} | {roles['decode']:.1f} / {roles['model']:.1f} / {roles['driver']:.1f} / {roles['ray']:.1f} | "
+            f"{a_rate / a0_rate:.2f} | {a['cpu'] / d['cpu']:.2f} |")
+        ratio_rows.append((f"{width}x{height} GOP {gop}", row, wall_row, a_rate / c_rate))
     say()
-    say("- frames/s: planned frames per wall-clock second; in brackets, per CPU-second of the one measuring process")
-    say(f"- (b) job: the whole `label` call; (b) steady: the same without the fixed cost of a job ({fixed_s:.1f} s: "
-        "the best of two jobs on one 2-second video, i.e. actor start-up, model load, listing, commits)")
-    say("- (b) video s / CPU s: seconds of video labelled per CPU-second of the driver and every Ray process, whole job")
+    say("Ratios (targets: (b) >= 0.7 x (a), (b) >= 2 x (c)):")
+    say()
+    say("| config | per CPU-s: (b) job / (a) | (b) steady / (a) | (b) job / (c) | (b) steady / (c) | (a) / (c): the bound on (b) / (c) | "
+        f"wall clock, (b) on {args.cpus} CPUs vs one process: (b) / (a) | (b) / (c) |")
+    say("|---|---:|---:|---:|---:|---:|---:|---:|")
+    for name, row, wall_row, bound in ratio_rows:
+        say(f"| {name} | " + " | ".join(f"{v:.2f}" for v in row.values()) + f" | {bound:.2f} | {wall_row['job / (a)']:.2f} | {wall_row['job / (c)']:.2f} |")
+    say()
     for name, target in (("job / (a)", 0.7), ("steady / (a)", 0.7), ("job / (c)", 2.0), ("steady / (c)", 2.0)):
-        if ratios[name]:
-            say(f"- (b) {name}: min {min(ratios[name]):.2f}, median {statistics.median(ratios[name]):.2f} (target >= {target:g})")
+        if per_cpu[name]:
+            say(f"- per CPU-second, (b) {name}: min {min(per_cpu[name]):.2f}, median {statistics.median(per_cpu[name]):.2f} (target >= {target:g})")
         else:
-            say(f"- (b) {name}: n/a (every job was within 25% of the fixed cost; use more or longer videos)")
-    say("- skip gain: planned frames per CPU-second of (a) with non-reference frame skipping / without it (> 1: skipping helps); "
-        "(a) no skip and decode-all run on the separately encoded videos only")
-    say("- (a) CPU / decode-all CPU: the reader's CPU time against decoding every frame without converting any; "
-        "near 1 means the plan needs (nearly) every reference frame decoded, and (c) can be at most "
-        "(decode + RGB of every frame) / (decode of the references) slower than (a)")
+            say(f"- per CPU-second, (b) {name}: n/a (every job was within 25% of the fixed cost; use more or longer videos)")
+    for name, target in (("job / (a)", 0.7), ("job / (c)", 2.0)):
+        say(f"- wall clock, (b) on {args.cpus} CPUs / one process, {name}: min {min(wall[name]):.2f}, median {statistics.median(wall[name]):.2f} (target >= {target:g})")
+    say("- skip gain: (a) with non-reference frame skipping / without it, per CPU-second (> 1: skipping helps)")
+    say("- (a) CPU / decode-all CPU: the reader's CPU time against decoding every frame without converting any; near 1 means "
+        "the plan needs (nearly) every reference frame decoded, so no reader can beat (c) by much more than (c)'s RGB conversion of "
+        "every frame: (a) / (c) bounds (b) / (c) per CPU-second")
     busiest = max(load_at_start, load[0])
     if busiest > (os.cpu_count() or 1):
-        say(f"- **the machine was busy** (load up to {busiest:.1f} on {os.cpu_count()} cores): wall-clock rates and ratios are "
-            "unreliable; compare the per-CPU-second rates in brackets")
+        say(f"- **the machine was busy** (load up to {busiest:.1f} on {os.cpu_count()} cores): wall-clock rates are unreliable; "
+            "the per-CPU-second rates are less affected")
     say()
     ratio = mem_long["peak_rss_mb"] / mem_short["peak_rss_mb"]
     say(f"Memory, decode + model path (`decode_video` -> `Predictor`, one process, no Ray), 640x360 {FPS} fps GOP 250:")

@@ -73,7 +73,7 @@ class LabelParams(BaseModel):
     batch_size: int = Field(LabelConfig.batch_size, ge=1, le=4096, description="clips per model call")
     actors: int = Field(LabelConfig.actors, ge=1, le=1024, description="model replicas in the Ray actor pool")
     stride_seconds: float | None = Field(None, gt=0, description="distance between clip starts (default: the model's)")
-    range_seconds: float = Field(LabelConfig.range_seconds, gt=0, description="longer videos are split into ranges of this many seconds")
+    range_seconds: float = Field(LabelConfig.range_seconds, gt=0, description="seconds of video per decode task: longer videos are split into ranges, shorter ones packed")
     min_segment_seconds: float = Field(LabelConfig.min_segment_seconds, ge=0, description="shorter segments are absorbed by a neighbour")
     lock_stale_seconds: float = Field(600.0, ge=30, description="a lock not refreshed for this long is taken over")
     ray_address: str | None = Field(None, description="Ray cluster to use (default: RAY_ADDRESS, else a local Ray)")

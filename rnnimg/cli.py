@@ -145,7 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stride-seconds", type=_positive_float, default=None, help="distance between clip starts (default: the model's)")
     p.add_argument("--videos-per-shard", type=_positive_int, default=32, help="videos committed together, the unit of resume (default 32)")
     p.add_argument("--range-seconds", type=_positive_float, default=600.0,
-                   help="a longer video is split into ranges of about this many seconds, decoded in parallel (default 600)")
+                   help="seconds of video per decode task: a longer video is split into ranges decoded in parallel, shorter ones are packed together (default 600)")
     p.add_argument("--min-segment-seconds", type=float, default=0.0,
                    help="segments shorter than this are absorbed by a neighbouring segment (default 0: no smoothing)")
     p.add_argument("--batch-size", type=_positive_int, default=32, help="clips per model call (default 32)")

@@ -4,8 +4,12 @@
 
 The data path:
 
-    list the input -> deterministic shards -> decode clips (Ray tasks, PyAV)
-        -> Predictor (Ray actor pool, the model) -> per-shard Parquet tables, committed atomically
+    list the input -> deterministic shards -> probe headers, plan packs of work (Ray tasks)
+        -> decode clips (a Ray task per pack, PyAV) -> Predictor (Ray actor pool, the model)
+        -> per-shard Parquet tables, committed atomically
+
+A pack is a range of a long video or several short videos, about ``range_seconds`` of video:
+one decode task each, so that Ray's cost per task is paid per minutes of video.
 
 Every video ends as one row of the videos table: ``ok``, ``partial`` (decoding stopped at an
 error; the clips before it are kept) or ``failed`` (the reason in ``error``). A broken video
@@ -26,14 +30,16 @@ import os
 import time
 import uuid
 from dataclasses import asdict, dataclass
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 import numpy as np
 
 from rnnimg import storage, tables
 from rnnimg.manifest import VideoRow, resolve_all, shards
-from rnnimg.models.crnn import CRNNConfig
 from rnnimg.video.clips import ClipSpec, uniform_clips
+
+if TYPE_CHECKING:  # torch stays out of the decode workers, which import this module for its UDFs
+    from rnnimg.models.crnn import CRNNConfig
 
 log = logging.getLogger("rnnimg.label")
 
@@ -50,7 +56,7 @@ class LabelConfig:
     decode_cpus: float = 0.75  # CPUs reserved per decode task (decoders are single-threaded)
     decode_memory_mb: int = 512  # memory reserved per decode task (one decoder + one batch of clips)
     stride_seconds: float | None = None  # override the model's clip stride (None: the model's)
-    range_seconds: float = 600.0  # a longer video is split into ranges of about this many seconds
+    range_seconds: float = 600.0  # work per decode task: longer videos are split into ranges of this many seconds, shorter ones packed
     min_segment_seconds: float = 0.0  # segments shorter than this are absorbed by a neighbour (0: off)
 
     def __post_init__(self) -> None:
@@ -78,7 +84,7 @@ class LabelError(RuntimeError):
 
 
 def plan_video(row: dict, spec: dict, range_seconds: float) -> list[dict]:
-    """Ray Data UDF: one input video -> its work units (time ranges of whole clips).
+    """One input video -> its work units (time ranges of whole clips).
 
     Opens the video's header only (no decoding) to read its duration, plans the clips and
     cuts them into ranges of about ``range_seconds``, so that one long video spreads over many
@@ -108,67 +114,127 @@ def plan_video(row: dict, spec: dict, range_seconds: float) -> list[dict]:
     ]
 
 
-def decode_video(batch: dict, spec: dict, frame_size: int, clips_per_batch: int) -> Iterator[dict]:
-    """Ray Data UDF: one work unit (a video, or a range of its clips) -> batches of clips, then one status row.
+def pack_units(units: list[dict], stride_seconds: float, pack_seconds: float) -> list[list[dict]]:
+    """Consecutive units grouped into packs of at most ``pack_seconds`` of planned video.
 
-    The unit comes from ``plan_video`` (columns ``range_index``, ``ranges_total``,
-    ``clip_start``, ``clip_stop``, ``duration_s``, ``error_type``, ``error``); a batch with only
-    ``video_uri`` and ``shard`` means the whole video. Rows with ``is_status`` carry the unit's
-    outcome (and dummy frames, so that every batch has one schema); the others carry a clip's
-    frames, uint8 (T, H, W, C).
+    A unit longer than that (a range of a long video is at most ``range_seconds``) is a pack of
+    its own; a unit that failed to open costs nothing. Each pack is one decode task: short
+    videos share a task, so Ray's cost per task (scheduling, a fresh decoder's set-up) is paid
+    once per few minutes of video rather than once per video.
     """
+    packs: list[list[dict]] = []
+    seconds = 0.0
+    for unit in units:
+        cost = (unit["clip_stop"] - unit["clip_start"]) * stride_seconds
+        if not packs or (seconds + cost > pack_seconds and seconds > 0):
+            packs.append([])
+            seconds = 0.0
+        packs[-1].append(unit)
+        seconds += cost
+    return packs
+
+
+def plan_videos(batch: dict, spec: dict, range_seconds: float, threads: int = 8) -> dict:
+    """Ray Data UDF: a block of listed videos -> packs of work units (one JSON list per row).
+
+    The headers are opened in a few threads: on an object store each open waits on requests.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    rows = [{"shard": s, "video_uri": u} for s, u in zip(batch["shard"], batch["video_uri"])]
+    with ThreadPoolExecutor(max(1, min(threads, len(rows)))) as pool:
+        units = [u for planned in pool.map(lambda r: plan_video(r, spec, range_seconds), rows) for u in planned]
+    packs = pack_units(units, float(spec["stride_seconds"]), range_seconds)
+    return {"pack": np.array([json.dumps(p) for p in packs], dtype=object)}
+
+
+class _ClipRows:
+    """The decode stage's output rows, handed out as batches of ``size`` clips.
+
+    Clip rows carry a clip's frames, uint8 (T, H, W, C); status rows (``is_status``) carry a
+    unit's outcome, with zero frames so that every batch has one schema. Rows of several
+    units (videos of one pack) share batches.
+    """
+
+    COLUMNS = ("shard", "video_uri", "clip_index", "start_s", "end_s", "is_status", "range_index", "ranges_total",
+               "status", "error_type", "error", "duration_s", "clips")
+
+    def __init__(self, size: int, frames_per_clip: int, frame_size: int):
+        self.size = size
+        self._blank = np.zeros((frames_per_clip, frame_size, frame_size, 3), np.uint8)
+        self._reset()
+
+    def _reset(self) -> None:
+        self._columns: dict[str, list] = {name: [] for name in self.COLUMNS}
+        self._frames: list[np.ndarray] = []
+        self.clips = 0
+
+    def _add(self, unit: dict, frames: np.ndarray, **values) -> None:
+        row = {"shard": unit["shard"], "video_uri": unit["video_uri"], "range_index": unit["range_index"],
+               "ranges_total": unit["ranges_total"], "clip_index": -1, "start_s": 0.0, "end_s": 0.0, "is_status": False,
+               "status": "", "error_type": "", "error": "", "duration_s": np.nan, "clips": 0, **values}
+        for name in self.COLUMNS:
+            self._columns[name].append(row[name])
+        self._frames.append(frames)
+
+    def clip(self, unit: dict, clip, frames: np.ndarray) -> dict | None:
+        """Add a clip; returns a full batch when there is one."""
+        self._add(unit, frames, clip_index=clip.clip_index, start_s=clip.start_s, end_s=clip.end_s)
+        self.clips += 1
+        return self.flush() if self.clips >= self.size else None
+
+    def status(self, unit: dict, status: str, error_type: str | None, error: str | None, duration_s: float | None, clips: int) -> None:
+        self._add(unit, self._blank, is_status=True, status=status, error_type=error_type or "", error=error or "",
+                  duration_s=np.nan if duration_s is None else float(duration_s), clips=clips)
+
+    def flush(self) -> dict | None:
+        if not self._frames:
+            return None
+        c = self._columns
+        batch = {
+            "shard": np.array(c["shard"], np.int64),
+            "video_uri": np.array(c["video_uri"], dtype=object),
+            "clip_index": np.array(c["clip_index"], np.int64),
+            "start_s": np.array(c["start_s"], np.float64),
+            "end_s": np.array(c["end_s"], np.float64),
+            "frames": np.stack(self._frames),  # (N, T, H, W, C) uint8
+            "is_status": np.array(c["is_status"], bool),
+            "range_index": np.array(c["range_index"], np.int64),
+            "ranges_total": np.array(c["ranges_total"], np.int64),
+            "status": np.array(c["status"], dtype=object),
+            "error_type": np.array(c["error_type"], dtype=object),
+            "error": np.array(c["error"], dtype=object),
+            "duration_s": np.array(c["duration_s"], np.float64),
+            "clips": np.array(c["clips"], np.int64),
+        }
+        self._reset()
+        return batch
+
+
+def _decode_unit(unit: dict, clip_spec: ClipSpec, frame_size: int, rows: _ClipRows) -> Iterator[dict]:
+    """Decode one work unit into ``rows``; yields each batch that fills up, ends with the unit's status row."""
     from rnnimg.video.decode import VideoError, VideoReader
 
-    clip_spec = ClipSpec(**spec)
-    t = clip_spec.frames_per_clip
-    video_uri = str(batch["video_uri"][0])
-    shard = int(batch["shard"][0])
-    has_range = "range_index" in batch
-    range_index = int(batch["range_index"][0]) if has_range else 0
-    ranges_total = int(batch["ranges_total"][0]) if has_range else 1
-    pending: list[tuple] = []
-    count, duration, status, error_type, error = 0, None, "ok", None, None
-
-    def clip_batch(items, is_status=False, **status_fields):
-        n = len(items) if items else 1
-        frames = np.stack([f for *_, f in items]) if items else np.zeros((1, t, frame_size, frame_size, 3), np.uint8)
-        return {
-            "shard": np.full(n, shard, np.int64),
-            "video_uri": np.array([video_uri] * n, dtype=object),
-            "clip_index": np.array([c.clip_index for c, _ in items] if items else [-1], np.int64),
-            "start_s": np.array([c.start_s for c, _ in items] if items else [0.0], np.float64),
-            "end_s": np.array([c.end_s for c, _ in items] if items else [0.0], np.float64),
-            "frames": frames,  # (N, T, H, W, C) uint8
-            "is_status": np.full(n, is_status),
-            "range_index": np.full(n, range_index, np.int64),
-            "ranges_total": np.full(n, ranges_total, np.int64),
-            "status": np.array([status_fields.get("status", "")] * n, dtype=object),
-            "error_type": np.array([status_fields.get("error_type") or ""] * n, dtype=object),
-            "error": np.array([status_fields.get("error") or ""] * n, dtype=object),
-            "duration_s": np.full(n, status_fields.get("duration_s", np.nan) if status_fields.get("duration_s") is not None else np.nan),
-            "clips": np.full(n, status_fields.get("clips", 0), np.int64),
-        }
-
-    if has_range and str(batch["error_type"][0]):
+    video_uri = unit["video_uri"]
+    if unit.get("error_type"):
         # plan_video already found this video unreadable: report it, do not open it again.
-        probed = float(batch["duration_s"][0])
-        yield clip_batch([], is_status=True, status="failed", error_type=str(batch["error_type"][0]), error=str(batch["error"][0]),
-                         duration_s=None if np.isnan(probed) else probed, clips=0)
+        probed = unit.get("duration_s", np.nan)
+        rows.status(unit, "failed", unit["error_type"], unit["error"], None if probed is None or np.isnan(probed) else probed, 0)
         return
+    count, duration, status, error_type, error = 0, None, "ok", None, None
     try:
         with VideoReader(video_uri, (frame_size, frame_size)) as reader:
             duration = reader.duration_s
             plan = uniform_clips(duration, clip_spec)
-            if has_range:
-                plan = plan[int(batch["clip_start"][0]) : int(batch["clip_stop"][0])]
+            if "clip_start" in unit:
+                plan = plan[unit["clip_start"] : unit["clip_stop"]]
             if not plan:
                 raise VideoError("empty", f"{video_uri}: the video stream has no duration (no frames)")
             for clip, frames in reader.clips(plan):
-                pending.append((clip, frames))
                 count += 1
-                if len(pending) == clips_per_batch:
-                    yield clip_batch(pending)
-                    pending = []
+                full = rows.clip(unit, clip, frames)
+                if full is not None:
+                    yield full
     except VideoError as err:
         status = "partial" if count else "failed"
         error_type, error = err.error_type, err.message
@@ -178,9 +244,33 @@ def decode_video(batch: dict, spec: dict, frame_size: int, clips_per_batch: int)
         status = "partial" if count else "failed"
         error_type, error = "unexpected", f"{video_uri}: {type(err).__name__}: {err}"[:500]
         log.exception("unexpected error decoding %s", video_uri)
-    if pending:
-        yield clip_batch(pending)
-    yield clip_batch([], is_status=True, status=status, error_type=error_type, error=error, duration_s=duration, clips=count)
+    rows.status(unit, status, error_type, error, duration, count)
+
+
+def decode_pack(batch: dict, spec: dict, frame_size: int, clips_per_batch: int) -> Iterator[dict]:
+    """Ray Data UDF: one pack of work units (a row of ``plan_videos``) -> batches of clip and status rows."""
+    clip_spec = ClipSpec(**spec)
+    rows = _ClipRows(clips_per_batch, clip_spec.frames_per_clip, frame_size)
+    for pack in batch["pack"]:
+        for unit in json.loads(str(pack)):
+            yield from _decode_unit(unit, clip_spec, frame_size, rows)
+    last = rows.flush()
+    if last is not None:
+        yield last
+
+
+def decode_video(batch: dict, spec: dict, frame_size: int, clips_per_batch: int) -> Iterator[dict]:
+    """One whole video (``batch["video_uri"][0]``, ``batch["shard"][0]``) -> batches of clip rows, then its status row.
+
+    The single-video form of ``decode_pack``, for callers outside the Ray pipeline (tests, benchmarks).
+    """
+    clip_spec = ClipSpec(**spec)
+    rows = _ClipRows(clips_per_batch, clip_spec.frames_per_clip, frame_size)
+    unit = {"shard": int(batch["shard"][0]), "video_uri": str(batch["video_uri"][0]), "range_index": 0, "ranges_total": 1}
+    yield from _decode_unit(unit, clip_spec, frame_size, rows)
+    last = rows.flush()
+    if last is not None:
+        yield last
 
 
 # ----------------------------------------------------------------------------- model (Ray actors)
@@ -254,7 +344,8 @@ class LabelResult:
         return asdict(self)
 
 
-def _model_identity(model_uri: str) -> tuple[CRNNConfig, str]:
+def _model_identity(model_uri: str) -> tuple["CRNNConfig", str]:
+    from rnnimg.models.crnn import CRNNConfig
     from rnnimg.train import MODEL_WEIGHTS
 
     weights_uri = storage.join(model_uri, MODEL_WEIGHTS)
@@ -349,11 +440,28 @@ def label(
         # On CPU the model is a small share of the work next to decoding: a quarter of a core
         # reserved for it lets every core run a decoder (2 decoders + the model on 2 cores).
         actor_cpus = config.actor_cpus if config.actor_cpus is not None else (1.0 if gpus else 0.25)
-        ds = ray.data.from_items(items, override_num_blocks=min(len(items), 4096))
-        # Header-only probe: a long video becomes several ranges, decoded by different tasks.
-        ds = ds.flat_map(plan_video, fn_kwargs={"spec": spec.to_dict(), "range_seconds": config.range_seconds}, num_cpus=0.25)
+        # Probe tasks open the headers of a block of videos each and emit packs of work: a long
+        # video cut into ranges, short videos grouped, about range_seconds per pack. Blocks are
+        # sized so that even a small archive makes a few packs per decoder.
+        decoders = max(1, int(ray.cluster_resources().get("CPU", 1) // config.decode_cpus))
+        per_probe = max(1, min(64, -(-len(items) // (2 * decoders))))
+        # A block per batch of clips, so the model sees a task's clips while it still decodes
+        # (Ray Data's default would gather up to 128 MiB of them first). The dataset keeps its own
+        # copy of the context, taken when it is created; the caller's is restored.
+        context = ray.data.DataContext.get_current()
+        saved_block_size = context.target_max_block_size
+        frame_bytes = spec.frames_per_clip * model_config.frame_size**2 * 3
+        context.target_max_block_size = max(64 * 1024, int(0.9 * config.batch_size * frame_bytes))
+        try:
+            ds = ray.data.from_items(items, override_num_blocks=-(-len(items) // per_probe))
+        finally:
+            context.target_max_block_size = saved_block_size
+        ds = ds.map_batches(plan_videos, batch_size=None, fn_kwargs={"spec": spec.to_dict(), "range_seconds": config.range_seconds},
+                            num_cpus=config.decode_cpus)
+        # One pack per block, streaming (no barrier): each pack is its own decode task.
+        ds = ds.repartition(target_num_rows_per_block=1)
         ds = ds.map_batches(
-            decode_video,
+            decode_pack,
             batch_size=1,
             fn_kwargs={"spec": spec.to_dict(), "frame_size": model_config.frame_size, "clips_per_batch": config.batch_size},
             num_cpus=config.decode_cpus,

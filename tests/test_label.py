@@ -128,3 +128,60 @@ def test_long_videos_split_into_ranges_give_the_same_rows(ray_local, tiny_archiv
     segments = rows(str(tmp_path / "split"), "segments", ["video_uri", "start_s"])
     assert segments.clips.sum() == split.clips
     assert split.segments == len(segments)
+
+
+def _unit(uri, clips, error_type=""):
+    return {"shard": 0, "video_uri": uri, "range_index": 0, "ranges_total": 1, "clip_start": 0, "clip_stop": clips,
+            "duration_s": 2.0 * clips, "error_type": error_type, "error": "x" if error_type else ""}
+
+
+def test_pack_units_groups_short_units_and_keeps_long_ones_alone():
+    from rnnimg.label import pack_units
+
+    units = [_unit("a", 10), _unit("b", 10), _unit("bad", 0, "open"), _unit("c", 10), _unit("long", 400), _unit("d", 5)]
+    packs = pack_units(units, stride_seconds=2.0, pack_seconds=60.0)
+    assert [[u["video_uri"] for u in p] for p in packs] == [["a", "b", "bad", "c"], ["long"], ["d"]]
+    # Every unit exactly once, in order.
+    assert [u for p in packs for u in p] == units
+    assert pack_units([], 2.0, 60.0) == []
+
+
+def test_plan_videos_then_decode_pack_equals_decoding_each_video(tiny_archive):
+    """The probe stage's packs, decoded, give each video's clips and one status row, as the
+    single-video path does; a long video (here: short ranges) is cut into ranges."""
+    import numpy as np
+
+    from rnnimg.label import decode_pack, decode_video, plan_videos
+    from rnnimg.video.clips import ClipSpec
+
+    root, _ = tiny_archive
+    folder = os.path.join(root, "videos", "train")
+    uris = sorted(os.path.join(folder, n) for n in os.listdir(folder))[:3] + [os.path.join(folder, "missing.mp4")]
+    assert len(uris) == 4
+    spec = ClipSpec(2.0, 4, 2.0).to_dict()
+    batch = {"video_uri": np.array(uris, dtype=object), "shard": np.array([0, 0, 1, 1])}
+
+    packs = plan_videos(batch, spec, range_seconds=8.0)["pack"]  # 4-second videos: two per pack
+    assert [[u["video_uri"] for u in json.loads(p)] for p in packs] == [uris[:2], uris[2:]]
+
+    def rows(batches):
+        clips, statuses = {}, {}
+        for out in batches:
+            for j in range(len(out["video_uri"])):
+                key = (str(out["video_uri"][j]), int(out["shard"][j]))
+                if out["is_status"][j]:
+                    statuses.setdefault(key, []).append((out["status"][j], out["error_type"][j], int(out["clips"][j])))
+                else:
+                    clips[(*key, int(out["clip_index"][j]))] = out["frames"][j]
+        return clips, statuses
+
+    got_clips, got_status = rows(b for p in packs for b in decode_pack({"pack": np.array([p], dtype=object)}, spec, 32, 3))
+    want_clips, want_status = rows(b for uri, shard in zip(uris, [0, 0, 1, 1])
+                                   for b in decode_video({"video_uri": np.array([uri]), "shard": np.array([shard])}, spec, 32, 3))
+    assert got_status == want_status
+    assert got_status[(uris[3], 1)] == [("failed", "not_found", 0)]
+    assert sorted(got_clips) == sorted(want_clips) and len(got_clips) == 6
+    assert all(np.array_equal(got_clips[k], want_clips[k]) for k in got_clips)
+
+    ranges = [json.loads(p) for p in plan_videos(batch, spec, range_seconds=2.0)["pack"]]  # one clip per range
+    assert [(u["range_index"], u["ranges_total"]) for p in ranges for u in p if u["video_uri"] == uris[0]] == [(0, 2), (1, 2)]

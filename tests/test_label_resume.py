@@ -110,7 +110,7 @@ def _decode_worker_pids() -> list[int]:
                     cmdline = f.read().decode(errors="replace")
             except OSError:
                 continue
-            if "decode_video" in cmdline and "ray::" in cmdline:
+            if "decode_pack" in cmdline and "ray::" in cmdline:
                 pids.append(int(entry))
     return pids
 
