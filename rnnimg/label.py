@@ -218,8 +218,7 @@ def _decode_unit(unit: dict, clip_spec: ClipSpec, frame_size: int, rows: _ClipRo
     video_uri = unit["video_uri"]
     if unit.get("error_type"):
         # plan_video already found this video unreadable: report it, do not open it again.
-        probed = unit.get("duration_s", np.nan)
-        rows.status(unit, "failed", unit["error_type"], unit["error"], None if probed is None or np.isnan(probed) else probed, 0)
+        rows.status(unit, "failed", unit["error_type"], unit["error"], unit.get("duration_s"), 0)
         return
     count, duration, status, error_type, error = 0, None, "ok", None, None
     try:
@@ -247,16 +246,21 @@ def _decode_unit(unit: dict, clip_spec: ClipSpec, frame_size: int, rows: _ClipRo
     rows.status(unit, status, error_type, error, duration, count)
 
 
-def decode_pack(batch: dict, spec: dict, frame_size: int, clips_per_batch: int) -> Iterator[dict]:
-    """Ray Data UDF: one pack of work units (a row of ``plan_videos``) -> batches of clip and status rows."""
+def _decode_units(units, spec: dict, frame_size: int, clips_per_batch: int) -> Iterator[dict]:
+    """Work units, in order -> batches of clip and status rows, shared across units."""
     clip_spec = ClipSpec(**spec)
     rows = _ClipRows(clips_per_batch, clip_spec.frames_per_clip, frame_size)
-    for pack in batch["pack"]:
-        for unit in json.loads(str(pack)):
-            yield from _decode_unit(unit, clip_spec, frame_size, rows)
+    for unit in units:
+        yield from _decode_unit(unit, clip_spec, frame_size, rows)
     last = rows.flush()
     if last is not None:
         yield last
+
+
+def decode_pack(batch: dict, spec: dict, frame_size: int, clips_per_batch: int) -> Iterator[dict]:
+    """Ray Data UDF: one pack of work units (a row of ``plan_videos``) -> batches of clip and status rows."""
+    units = (unit for pack in batch["pack"] for unit in json.loads(str(pack)))
+    yield from _decode_units(units, spec, frame_size, clips_per_batch)
 
 
 def decode_video(batch: dict, spec: dict, frame_size: int, clips_per_batch: int) -> Iterator[dict]:
@@ -264,13 +268,8 @@ def decode_video(batch: dict, spec: dict, frame_size: int, clips_per_batch: int)
 
     The single-video form of ``decode_pack``, for callers outside the Ray pipeline (tests, benchmarks).
     """
-    clip_spec = ClipSpec(**spec)
-    rows = _ClipRows(clips_per_batch, clip_spec.frames_per_clip, frame_size)
     unit = {"shard": int(batch["shard"][0]), "video_uri": str(batch["video_uri"][0]), "range_index": 0, "ranges_total": 1}
-    yield from _decode_unit(unit, clip_spec, frame_size, rows)
-    last = rows.flush()
-    if last is not None:
-        yield last
+    yield from _decode_units([unit], spec, frame_size, clips_per_batch)
 
 
 # ----------------------------------------------------------------------------- model (Ray actors)
@@ -434,8 +433,9 @@ def label(
             storage.remove_temporaries(storage.join(out, table))
         ensure_ray(ray_address)
         items = [{"shard": i, "video_uri": row.video_uri} for i in pending for row in all_shards[i]]
+        resources = ray.cluster_resources()
         gpus = config.gpus_per_actor
-        if gpus == 0 and ray.cluster_resources().get("GPU", 0) >= 1:
+        if gpus == 0 and resources.get("GPU", 0) >= 1:
             gpus = 1.0
         # On CPU the model is a small share of the work next to decoding: a quarter of a core
         # reserved for it lets every core run a decoder (2 decoders + the model on 2 cores).
@@ -443,7 +443,7 @@ def label(
         # Probe tasks open the headers of a block of videos each and emit packs of work: a long
         # video cut into ranges, short videos grouped, about range_seconds per pack. Blocks are
         # sized so that even a small archive makes a few packs per decoder.
-        decoders = max(1, int(ray.cluster_resources().get("CPU", 1) // config.decode_cpus))
+        decoders = max(1, int(resources.get("CPU", 1) // config.decode_cpus))
         per_probe = max(1, min(64, -(-len(items) // (2 * decoders))))
         # A block per batch of clips, so the model sees a task's clips while it still decodes
         # (Ray Data's default would gather up to 128 MiB of them first). The dataset keeps its own
