@@ -34,8 +34,13 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
-from rnnimg.models.crnn import CRNN, CRNNConfig, to_model_input  # noqa: E402
-from rnnimg.train import TrainConfig, make_optimizer, train_one_epoch  # noqa: E402
+from rnnimg.models.crnn import CRNN, CRNNConfig  # noqa: E402
+from rnnimg.models.layout import to_model_input  # noqa: E402
+from rnnimg.tasks import get as get_task  # noqa: E402
+from rnnimg.train.config import TrainConfig  # noqa: E402
+from rnnimg.train.loop import make_optimizer, train_one_epoch  # noqa: E402
+
+CLASSIFY = get_task("classify")
 
 REFERENCE_H200 = {"resnet18": {"inference": 101_600, "training": 41_600}}
 
@@ -55,10 +60,10 @@ def measure(name: str, config: CRNNConfig, *, batch: int, steps: int, warmup: in
         if device.type == "cuda":
             torch.cuda.synchronize()
 
-    train_one_epoch(model, optimizer, ((clips, labels) for _ in range(warmup)), device, config.frame_loss_weight, scheduler, amp_dtype=amp_dtype)
+    train_one_epoch(model, optimizer, ((clips, labels) for _ in range(warmup)), device, CLASSIFY, config, scheduler, amp_dtype=amp_dtype)
     sync()
     started = time.perf_counter()
-    stats = train_one_epoch(model, optimizer, ((clips, labels) for _ in range(steps)), device, config.frame_loss_weight, scheduler,
+    stats = train_one_epoch(model, optimizer, ((clips, labels) for _ in range(steps)), device, CLASSIFY, config, scheduler,
                             amp_dtype=amp_dtype)
     sync()
     train_s = time.perf_counter() - started
@@ -79,7 +84,7 @@ def measure(name: str, config: CRNNConfig, *, batch: int, steps: int, warmup: in
         "input": f"{t}x{size}x{size}, batch {batch}",
         "training frames/s": frames / train_s,
         "inference frames/s": frames / infer_s,
-        "final loss": stats["loss_sum"] / stats["count"],
+        "final loss": float(stats["loss_sum"]) / int(stats["count"]),
         "peak GiB": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan"),
     }
 
@@ -88,7 +93,8 @@ def ray_train_check(device_count: int) -> None:
     """Two epochs of the real Ray Train loop on one GPU worker, then load the exported model on the GPU."""
     from rnnimg import storage
     from rnnimg.synth import SynthConfig, make_archive
-    from rnnimg.train import load_model, train
+    from rnnimg.tasks import load_model
+    from rnnimg.train import train
 
     with tempfile.TemporaryDirectory(prefix="gpu-check-") as root:
         started = time.perf_counter()
@@ -104,7 +110,7 @@ def ray_train_check(device_count: int) -> None:
             print(f"  epoch {h['epoch']}: train loss {h['train_loss']:.3f}, val acc {h['val_acc']:.3f}, "
                   f"{h['train_clips_per_s']:.0f} train clips/s (decode-bound), lr {h['lr']:.2e}")
         recorded = storage.read_json(os.path.join(result.model_uri, "metrics.json"))["train_config"]
-        model, model_config, model_id = load_model(result.model_uri, "cuda")
+        _, model, model_config, model_id = load_model(result.model_uri, "cuda")
         with torch.inference_mode():
             out, _ = model(torch.zeros(2, model_config.frames_per_clip, 3, model_config.frame_size, model_config.frame_size, device="cuda"))
         print(f"exported model {model_id} (trained with use_gpu={recorded['use_gpu']}, precision {recorded['precision']!r}) "

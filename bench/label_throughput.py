@@ -292,12 +292,11 @@ def label_job(folder: str, model: str, out: str, config) -> dict:
 def memory_child(video: str, model: str) -> None:
     """Run in a subprocess: decode_video + Predictor over one whole video; print peak RSS (JSON)."""
     from rnnimg.label import Predictor, decode_video
-    from rnnimg.models.crnn import CRNNConfig
     from rnnimg.video.clips import ClipSpec
 
-    config = CRNNConfig.from_dict(json.load(open(os.path.join(model, "config.json"))))
-    spec = ClipSpec(config.clip_seconds, config.frames_per_clip, config.stride_seconds)
     predictor = Predictor(model, threads=1)
+    config = predictor.config
+    spec = ClipSpec(config.clip_seconds, config.frames_per_clip, config.stride_seconds)
     batch = {"video_uri": np.array([video], dtype=object), "shard": np.array([0])}
     clips, status, started = 0, None, time.perf_counter()
     for out in decode_video(batch, spec.to_dict(), config.frame_size, 32):

@@ -37,8 +37,12 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
+from rnnimg.manifest import labelled_videos, manifest_overview  # noqa: E402
 from rnnimg.models.crnn import CRNN, CRNNConfig  # noqa: E402
-from rnnimg.train import TrainConfig, epoch_batches, labelled_videos, make_optimizer, manifest_overview, train, train_one_epoch  # noqa: E402
+from rnnimg.tasks import get as get_task  # noqa: E402
+from rnnimg.train import TrainConfig, train  # noqa: E402
+from rnnimg.train.data import epoch_batches  # noqa: E402
+from rnnimg.train.loop import make_optimizer, train_one_epoch  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "RESULTS_train.md")
 
@@ -57,9 +61,10 @@ def plain_run(manifest: str, train_config: TrainConfig, threads: int) -> dict:
     started_run = time.perf_counter()
     for epoch in range(train_config.epochs):
         started = time.perf_counter()
-        batches = epoch_batches(rows, model_config, train_config, train=True, epoch=epoch)
-        stats = train_one_epoch(model, optimizer, batches, "cpu", model_config.frame_loss_weight, scheduler)
-        rates.append(stats["count"] / (time.perf_counter() - started))
+        task = get_task("classify")
+        batches = epoch_batches(rows, task, model_config, train_config, train=True, epoch=epoch)
+        stats = train_one_epoch(model, optimizer, batches, "cpu", task, model_config, scheduler)
+        rates.append(int(stats["count"]) / (time.perf_counter() - started))
     return {"rates": rates, "wall_s": time.perf_counter() - started_run}
 
 

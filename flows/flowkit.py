@@ -16,7 +16,7 @@ from prefect.exceptions import MissingContextError
 from pydantic import AfterValidator, Field
 
 from rnnimg import storage
-from rnnimg.runtime import ClusterUnreachable, check_ray_address  # noqa: F401 - re-exported for the flows
+from rnnimg.runtime import ClusterUnreachable
 
 
 def _location(value: str) -> str:
@@ -39,12 +39,13 @@ PERMANENT: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, Per
 
 
 def transient(task, task_run, state) -> bool:
-    """``retry_condition_fn`` of I/O tasks: retry storage hiccups and lost workers, not bad input."""
+    """``retry_condition_fn`` of I/O tasks: retry storage hiccups and lost workers, not bad input nor another writer."""
     from rnnimg.label import LabelError
+    from rnnimg.store_lock import LockHeld, LockLost
 
     try:
         state.result()
-    except (*PERMANENT, LabelError):
+    except (*PERMANENT, LabelError, LockHeld, LockLost):
         return False
     except Exception:  # noqa: BLE001 - anything else (storage, a lost Ray node) may pass on retry
         return True

@@ -21,7 +21,7 @@ from prefect.artifacts import create_link_artifact, create_markdown_artifact, cr
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from rnnimg import storage
-from rnnimg.report import ReportConfig, ReportResult, build_report
+from rnnimg.report import LABELS_TABLE, ReportConfig, ReportResult, build_report
 
 
 class ReportParams(BaseModel):
@@ -47,7 +47,7 @@ def build(params: ReportParams) -> ReportResult:
 
 @task(name="read-label-summary", retries=3, retry_delay_seconds=2, retry_condition_fn=transient)
 def read_label_summary(out: str) -> list[dict]:
-    return storage.read_table(storage.join(out, "labels.parquet")).to_pylist()
+    return storage.read_table(storage.join(out, LABELS_TABLE)).to_pylist()
 
 
 @task(name="publish-report", retries=2, retry_delay_seconds=2)

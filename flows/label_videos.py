@@ -3,22 +3,13 @@
     python flows/label_videos.py VIDEOS [VIDEOS ...] --model MODEL --out BASE [--split test] [--full]
     prefect deployment run label-videos/local                # its hourly schedule runs the same
 
-Store layout under the base output ``BASE`` (local folder or ``s3://``)::
-
-    BASE/runs/<run_id>/          one ``rnnimg label`` output per run: clips/, videos/, _run/, run.json
-    BASE/runs/<run_id>/_delta.parquet   the run's input: the videos it labels (video_uri, size, version, label, split)
-    BASE/state.json              every run (id, model, status, counts), the last successful run per model,
-                                 and the run in progress, if any
-    BASE/_lock/lock-NNNNNNNN.json   the lock: one run at a time writes under BASE
-
-A run lists the input (``rnnimg.manifest.resolve_all``), compares it with the listings of the
-earlier completed runs of the same model (``BASE/runs/*/_run/manifest.parquet``) and labels only
-the videos that are new or whose size or version changed; a new model (other weights) has no
-earlier runs, so it relabels everything; ``full`` relabels everything anyway. Nothing new: no run
-folder, the run ends Completed with zero videos. A run that crashed is resumed by the next run of
-the same model (same run folder: committed shards are kept). Two runs never write under one
-``BASE`` at once: the lock is created with create-if-absent semantics and taken over only when
-its holder stopped refreshing it for ``lock_stale_seconds``.
+The store layout under the base output ``BASE`` (local folder or ``s3://``) and the incremental
+logic are ``rnnimg.label_runs``: a run lists the input, labels only the videos that are new or
+whose size or version changed since the earlier completed runs of the same model (a new model
+relabels everything; ``full`` relabels everything anyway), and a run that crashed is resumed by
+the next run of the same model. Nothing new: no run folder, the run ends Completed with zero
+videos. Two runs never write under one ``BASE`` at once: ``rnnimg.store_lock.StoreLock``, taken
+over only when its holder stopped refreshing it for ``lock_stale_seconds``.
 
 ``rnnimg report BASE`` (or the ``label-report`` flow) reads the current labels: for each video,
 the latest run of the model that labelled it.
@@ -33,29 +24,21 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
-import os
-import socket
 import sys
-import threading
 import time
-import uuid
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 
-import pyarrow as pa
-from flowkit import Location, artifact_key, check_ray_address, location_link, markdown_table, run_logger, transient
+from flowkit import Location, artifact_key, location_link, markdown_table, run_logger, transient
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from rnnimg import storage
+from rnnimg import checkpoint, label_runs, storage
 from rnnimg.label import LabelConfig, LabelResult, clip_accuracy, label
-from rnnimg.manifest import VideoRow, resolve_all
-
-log = logging.getLogger("rnnimg.flows.label_videos")
-
-STATE_VERSION = 1
+from rnnimg.label_runs import Delta
+from rnnimg.runtime import check_ray_address
+from rnnimg.store_lock import LockHeld, StoreLock
 
 
 class LabelParams(BaseModel):
@@ -84,326 +67,13 @@ class LabelParams(BaseModel):
                            min_segment_seconds=self.min_segment_seconds)
 
 
-# ----------------------------------------------------------------------------- store helpers
-
-
-def create_if_absent(location: str, data: bytes) -> bool:
-    """Write a file only if nothing is there yet; of two writers exactly one gets True.
-
-    Locally: the content goes to a temporary file that is hard-linked into place (``link``
-    fails if the name exists), so the file is complete the moment it appears. On S3: a
-    conditional ``PutObject`` (``If-None-Match: *``, AWS S3, MinIO), through boto3.
-
-    Raises:
-        StorageError: the store failed otherwise.
-    """
-    if storage.is_s3(location):
-        return _s3_create_if_absent(location, data)
-    _, path = storage.resolve(location)
-    folder = os.path.dirname(path)
-    os.makedirs(folder, exist_ok=True)
-    tmp = os.path.join(folder, f".tmp-{uuid.uuid4().hex}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        try:
-            os.link(tmp, path)
-        except FileExistsError:
-            return False
-        return True
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def _s3_create_if_absent(location: str, data: bytes) -> bool:
-    try:
-        import boto3
-        from botocore.exceptions import BotoCoreError, ClientError
-    except ImportError as err:  # pragma: no cover - depends on the installation
-        raise storage.StorageError(f"the lock on {location} needs boto3 (pip install boto3): {err}") from err
-    bucket, _, key = location[len("s3://"):].partition("/")
-    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None
-    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
-    client = boto3.client("s3", endpoint_url=endpoint, region_name=region)
-    try:
-        client.put_object(Bucket=bucket, Key=key, Body=data, IfNoneMatch="*")
-    except ClientError as err:
-        if err.response.get("Error", {}).get("Code") in ("PreconditionFailed", "ConditionalRequestConflict"):
-            return False
-        raise storage.StorageError(f"create {location}: {err}") from err
-    except BotoCoreError as err:
-        raise storage.StorageError(f"create {location}: {err}") from err
-    return True
-
-
-class LockHeld(RuntimeError):
-    """Another run holds the lock of this output."""
-
-
-class LockLost(RuntimeError):
-    """This run's lock was taken over (it had gone stale); its results are not recorded."""
-
-
-class StoreLock:
-    """One writer at a time under a base location, with a lock object in the store itself.
-
-    The lock is a sequence of files ``BASE/_lock/lock-<generation>.json``; the highest
-    generation is the lock. It is free when absent, released, or stale (not refreshed for
-    ``stale_after_s``). Taking it means creating the next generation with create-if-absent: two
-    runs that saw the same state race for the same name and only one wins, including when both
-    take over a stale lock. The holder refreshes its file every ``heartbeat_s`` in a thread, so
-    a long run keeps the lock and a crashed one loses it after ``stale_after_s``. Staleness uses
-    the writers' clocks: keep ``stale_after_s`` far above the clock skew between machines.
-    """
-
-    def __init__(self, base: str, owner: str, stale_after_s: float = 600.0, heartbeat_s: float | None = None):
-        if not stale_after_s > 0:
-            raise ValueError(f"stale_after_s must be > 0, got {stale_after_s}")
-        self.base = base
-        self.folder = storage.join(base, "_lock")
-        self.owner = owner
-        self.stale_after_s = float(stale_after_s)
-        self.heartbeat_s = float(heartbeat_s) if heartbeat_s else max(1.0, min(60.0, self.stale_after_s / 4))
-        self.token = uuid.uuid4().hex
-        self.generation: int | None = None
-        self.lost = False
-        self._acquired_at: float | None = None
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-
-    def _uri(self, generation: int) -> str:
-        return storage.join(self.folder, f"lock-{generation:08d}.json")
-
-    def _generations(self) -> list[int]:
-        try:
-            files = storage.list_files(self.folder, (".json",))
-        except FileNotFoundError:
-            return []
-        out = []
-        for f in files:
-            name = storage.basename(f.uri)
-            if name.startswith("lock-") and name[5:-5].isdigit():
-                out.append(int(name[5:-5]))
-        return sorted(out)
-
-    def _read(self, generation: int) -> dict | None:
-        try:
-            return storage.read_json(self._uri(generation))
-        except FileNotFoundError:
-            return None
-        except ValueError:  # unreadable: treat as held, refreshed now (conservative)
-            return {"owner": "unknown (unreadable lock file)", "heartbeat_at": time.time()}
-
-    def _record(self, **extra) -> bytes:
-        now = time.time()
-        record = {"owner": self.owner, "token": self.token, "generation": self.generation, "host": socket.gethostname(),
-                  "pid": os.getpid(), "acquired_at": self._acquired_at or now, "heartbeat_at": now,
-                  "stale_after_s": self.stale_after_s, **extra}
-        return (json.dumps(record, indent=2, sort_keys=True) + "\n").encode()
-
-    def holder(self) -> tuple[int, dict] | None:
-        """The live lock (generation, record), or None when the lock is free."""
-        generations = self._generations()
-        if not generations:
-            return None
-        top = generations[-1]
-        record = self._read(top)
-        if record is None or record.get("released_at"):
-            return None
-        if time.time() - float(record.get("heartbeat_at", 0)) > self.stale_after_s:
-            return None
-        return top, record
-
-    def acquire(self) -> "StoreLock":
-        """Take the lock or fail at once.
-
-        Raises:
-            LockHeld: another run holds it (the message names it and how to clear a dead one).
-        """
-        generations = self._generations()
-        top = generations[-1] if generations else 0
-        if top:
-            record = self._read(top)
-            if record and not record.get("released_at"):
-                age = time.time() - float(record.get("heartbeat_at", 0))
-                if age <= self.stale_after_s:
-                    raise LockHeld(
-                        f"{self.base} is being written by {record.get('owner')} on {record.get('host')} "
-                        f"(lock {self._uri(top)}, refreshed {age:.0f} s ago); runs never overlap on one output: "
-                        f"wait for it, or, if that run is gone, delete the lock file or wait {self.stale_after_s:.0f} s"
-                    )
-                log.warning("taking over a stale lock of %s (%s, not refreshed for %.0f s)", self.base, record.get("owner"), age)
-        self.generation = top + 1
-        self._acquired_at = time.time()
-        if not create_if_absent(self._uri(self.generation), self._record()):
-            self.generation = None
-            raise LockHeld(f"{self.base}: another run took the lock at the same moment ({self._uri(top + 1)})")
-        for old in generations:  # earlier generations are history; the newest decides
-            storage.delete(self._uri(old))
-        self._thread = threading.Thread(target=self._heartbeat, name="rnnimg-lock-heartbeat", daemon=True)
-        self._thread.start()
-        return self
-
-    def _heartbeat(self) -> None:
-        while not self._stop.wait(self.heartbeat_s):
-            try:
-                if not self._still_mine():
-                    self.lost = True
-                    log.error("lost the lock of %s: another run took it over", self.base)
-                    return
-                storage.write_bytes(self._uri(self.generation), self._record())
-            except Exception as err:  # noqa: BLE001 - a failed refresh is retried at the next beat
-                log.warning("could not refresh the lock of %s: %s", self.base, err)
-
-    def _still_mine(self) -> bool:
-        generations = self._generations()
-        if not generations or generations[-1] != self.generation:
-            return False
-        record = self._read(self.generation)
-        return bool(record) and record.get("token") == self.token
-
-    def check(self) -> None:
-        """Raise LockLost unless this run still holds the lock (called before recording results)."""
-        if self.generation is None or self.lost or not self._still_mine():
-            self.lost = True
-            raise LockLost(f"{self.base}: this run's lock was taken over by another run; its results are not recorded")
-
-    def release(self) -> None:
-        """Stop refreshing and mark the lock released (if it is still ours)."""
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=30)
-        if self.generation is not None and not self.lost and self._still_mine():
-            storage.write_bytes(self._uri(self.generation), self._record(released_at=time.time()))
-        self.generation = None
-
-    def __enter__(self) -> "StoreLock":
-        return self.acquire()
-
-    def __exit__(self, *exc) -> None:
-        self.release()
-
-
-# ----------------------------------------------------------------------------- state and delta
-
-
-def state_uri(base: str) -> str:
-    return storage.join(base, "state.json")
-
-
-def run_out(base: str, run_id: str) -> str:
-    return storage.join(base, "runs", run_id)
-
-
-def read_state(base: str) -> dict:
-    """``BASE/state.json``, or an empty state for a new base.
-
-    Raises:
-        ValueError: the file is from another version of this flow.
-    """
-    uri = state_uri(base)
-    if not storage.exists(uri):
-        return {"version": STATE_VERSION, "runs": [], "last_success": {}, "pending": None}
-    state = storage.read_json(uri)
-    if state.get("version") != STATE_VERSION:
-        raise ValueError(f"{uri} has state version {state.get('version')!r}; this flow reads version {STATE_VERSION}")
-    return state
-
-
-@dataclass(frozen=True)
-class Delta:
-    """What one run labels, and why."""
-
-    run_id: str
-    model_id: str
-    listed: int  # videos in the input listing now
-    new: int  # never labelled by this model
-    changed: int  # labelled, but the size or version differs now
-    unchanged: int  # labelled with this size and version: skipped
-    removed: int  # labelled earlier, no longer listed (their labels are kept)
-    rows: tuple[VideoRow, ...]  # the videos to label: new + changed
-    resumed: bool = False  # finishing a run that had crashed
-
-    @property
-    def todo(self) -> int:
-        return len(self.rows)
-
-
-def list_input(videos: list[str], splits: list[str] | None) -> list[VideoRow]:
-    """The input listing, once per location, first occurrence of a URI kept (as ``rnnimg label`` does).
-
-    Raises:
-        ValueError: nothing listed.
-    """
-    return resolve_all(videos, splits)
-
-
-def labelled_before(base: str, state: dict, model_id: str) -> dict[str, tuple[int, str]]:
-    """video_uri -> (size, version) as last labelled by a completed run of ``model_id``."""
-    known: dict[str, tuple[int, str]] = {}
-    for run in state["runs"]:  # oldest first: later runs win
-        if run.get("status") != "completed" or run.get("model_id") != model_id:
-            continue
-        listing = storage.join(run_out(base, run["run_id"]), "_run", "manifest.parquet")
-        if not storage.exists(listing):  # an operator removed the run folder: its videos are labelled again
-            log.warning("run %s has no listing at %s: its videos count as not labelled", run["run_id"], listing)
-            continue
-        table = storage.read_table(listing, columns=["video_uri", "size", "version"]).to_pydict()
-        for uri, size, version in zip(table["video_uri"], table["size"], table["version"]):
-            known[uri] = (int(size) if size is not None else -1, str(version or ""))
-    return known
-
-
-def plan_delta(listing: list[VideoRow], known: dict[str, tuple[int, str]], run_id: str, model_id: str, full: bool = False) -> Delta:
-    """Compare a listing with what was labelled: new and changed videos are labelled, the rest skipped."""
-    new, changed, unchanged = [], [], 0
-    for row in listing:
-        seen = None if full else known.get(row.video_uri)
-        if seen is None:
-            new.append(row)
-        elif seen != (row.size, row.version):
-            changed.append(row)
-        else:
-            unchanged += 1
-    listed = {row.video_uri for row in listing}
-    removed = sum(1 for uri in known if uri not in listed)
-    return Delta(run_id, model_id, len(listing), len(new), len(changed), unchanged, removed, tuple(new + changed))
-
-
-def new_run_id() -> str:
-    from prefect.runtime import flow_run
-
-    suffix = (flow_run.id or uuid.uuid4().hex)[:8]
-    return time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + suffix
-
-
-def write_delta(base: str, delta: Delta) -> str:
-    """The run's input as a manifest table (absolute URIs, with size and version): ``label`` reads it."""
-    uri = storage.join(run_out(base, delta.run_id), "_delta.parquet")
-    columns = {f: [getattr(r, f) for r in delta.rows] for f in ("video_uri", "size", "version", "label", "split")}
-    table = pa.table(columns, schema=pa.schema([("video_uri", pa.string()), ("size", pa.int64()), ("version", pa.string()),
-                                                 ("label", pa.string()), ("split", pa.string())]))
-    storage.write_table(table, uri)
-    return uri
-
-
 # ----------------------------------------------------------------------------- tasks
 
 
 @task(name="model-identity", retries=3, retry_delay_seconds=2, retry_condition_fn=transient)
 def model_identity(model: str) -> str:
     """The model id: first 16 hex digits of the weights' SHA-256 (as in the label tables)."""
-    import hashlib
-
-    from rnnimg.train import MODEL_WEIGHTS
-
-    weights = storage.join(model, MODEL_WEIGHTS)
-    if not storage.exists(weights):
-        raise FileNotFoundError(f"no exported model at {model} (missing {MODEL_WEIGHTS}); pass the folder train-crnn wrote as OUT/model")
-    return hashlib.sha256(storage.read_bytes(weights)).hexdigest()[:16]
+    return checkpoint.model_id(model)
 
 
 @task(name="check-ray")
@@ -438,69 +108,24 @@ def release_lock(lock: StoreLock) -> None:
 
 @task(name="plan-run", retries=2, retry_delay_seconds=5, retry_condition_fn=transient, cache_policy=NO_CACHE)
 def plan_run(params: LabelParams, model_id: str, lock: StoreLock) -> Delta:
-    """Resume the crashed run of this model, or list the input and compute what is new or changed.
+    """Resume the crashed run of this model, or plan what is new or changed (``rnnimg.label_runs.plan_run``)."""
+    from prefect.runtime import flow_run
 
-    A planned run is written down (``_delta.parquet`` and ``state.json``'s ``pending``) before
-    any labelling, so that a crash can be resumed by the next run.
-    """
-    logger = run_logger()
-    state = read_state(params.out)
-    pending = state.get("pending")
-    if pending and pending["model_id"] == model_id:
-        table = storage.read_table(pending["delta"]).to_pylist()
-        rows = tuple(VideoRow(**r) for r in table)
-        logger.info("resuming run %s of model %s: %d videos", pending["run_id"], model_id, len(rows))
-        return Delta(pending["run_id"], model_id, pending["listed"], pending["new"], pending["changed"], pending["unchanged"],
-                     pending["removed"], rows, resumed=True)
-    if pending:
-        logger.warning("run %s of model %s did not finish; model %s replaces it", pending["run_id"], pending["model_id"], model_id)
-        state["runs"].append({**pending, "status": "abandoned", "finished_at": time.time()})
-        state["pending"] = None
-    listing = list_input(params.videos, params.splits)
-    known = labelled_before(params.out, state, model_id)
-    delta = plan_delta(listing, known, new_run_id(), model_id, full=params.full)
-    if delta.todo:
-        lock.check()
-        delta_uri = write_delta(params.out, delta)
-        state["pending"] = {"run_id": delta.run_id, "model_id": model_id, "model_uri": params.model, "delta": delta_uri,
-                            "started_at": time.time(), "listed": delta.listed, "new": delta.new, "changed": delta.changed,
-                            "unchanged": delta.unchanged, "removed": delta.removed}
-    if delta.todo or pending:
-        storage.write_json(state_uri(params.out), state)
-    return delta
+    return label_runs.plan_run(params.out, params.videos, params.splits, model_id, params.model, params.full, lock,
+                               run_id_suffix=flow_run.id, logger=run_logger())
 
 
 @task(name="label-delta", retries=1, retry_delay_seconds=10, retry_condition_fn=transient, cache_policy=NO_CACHE)
 def label_delta(params: LabelParams, delta: Delta) -> LabelResult:
     """Ray Data labelling of the run's videos into ``BASE/runs/<run_id>``; a retry keeps committed shards."""
-    delta_uri = storage.join(run_out(params.out, delta.run_id), "_delta.parquet")
-    return label(delta_uri, params.model, run_out(params.out, delta.run_id), params.label_config(), run_id=delta.run_id,
-                 ray_address=params.ray_address)
+    return label(label_runs.delta_uri(params.out, delta.run_id), params.model, label_runs.run_out(params.out, delta.run_id),
+                 params.label_config(), run_id=delta.run_id, ray_address=params.ray_address)
 
 
 @task(name="record-run", retries=3, retry_delay_seconds=2, retry_condition_fn=transient, cache_policy=NO_CACHE)
 def record_run(params: LabelParams, delta: Delta, result: LabelResult, lock: StoreLock) -> dict:
     """Mark the run completed in ``state.json``: from now on its videos count as labelled by this model."""
-    if result.model_id != delta.model_id:
-        raise ValueError(f"the model at {params.model} changed during the run ({delta.model_id} -> {result.model_id}); rerun")
-    lock.check()
-    state = read_state(params.out)
-    done = [r for r in state["runs"] if r["run_id"] == delta.run_id and r["status"] == "completed"]
-    if done:  # a retry after the state was written
-        return done[0]
-    record = {"run_id": delta.run_id, "model_id": delta.model_id, "model_uri": params.model, "status": "completed",
-              "finished_at": time.time(), "out": run_out(params.out, delta.run_id), "listed": delta.listed, "new": delta.new,
-              "changed": delta.changed, "unchanged": delta.unchanged, "removed": delta.removed, "videos": result.videos,
-              "ok": result.ok, "partial": result.partial, "failed": result.failed, "clips": result.clips,
-              "seconds": result.seconds, "resumed": delta.resumed}
-    pending = state.get("pending") or {}
-    if pending.get("run_id") == delta.run_id:
-        record["started_at"] = pending.get("started_at")
-        state["pending"] = None
-    state["runs"].append(record)
-    state["last_success"][delta.model_id] = delta.run_id
-    storage.write_json(state_uri(params.out), state)
-    return record
+    return label_runs.record_run(params.out, delta, result.summary(), params.model, lock)
 
 
 @task(name="clip-accuracy", retries=2, retry_delay_seconds=2, retry_condition_fn=transient)

@@ -24,7 +24,7 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from rnnimg import storage
+from rnnimg import checkpoint, storage
 from rnnimg.train import TrainConfig, TrainResult, train
 
 
@@ -69,7 +69,7 @@ def train_model(params: TrainParams) -> TrainResult:
 @task(name="read-metrics", retries=3, retry_delay_seconds=2, retry_condition_fn=transient)
 def read_metrics(model_uri: str) -> dict:
     """The exported model's metrics.json: model_id, best epoch, every epoch, training config."""
-    return storage.read_json(storage.join(model_uri, "metrics.json"))
+    return storage.read_json(storage.join(model_uri, checkpoint.METRICS))
 
 
 @task(name="publish-training", retries=2, retry_delay_seconds=2)

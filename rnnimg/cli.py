@@ -59,6 +59,9 @@ def _positive_float(text: str) -> float:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from rnnimg.tasks import names
+
+    task_names = names()
     parser = _Parser(
         prog="rnnimg",
         description="Train recurrent video models (CRNN) with Ray Train and label video archives with Ray Data. "
@@ -72,6 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Write OUT/videos/<split>/*.mp4 and OUT/manifest.parquet (video_uri, label, split). "
                        "Each video shows a disc moving left or right over a drifting, cluttered background.")
     p.add_argument("out", metavar="OUT", help="where the archive and its manifest go (folder or s3:// prefix)")
+    p.add_argument("--task", choices=task_names, default="classify", help="the task the archive is for (default classify)")
     p.add_argument("--videos", type=_positive_int, default=240, help="labelled videos, split 70/15/15 into train/val/test (default 240)")
     p.add_argument("--unlabelled", type=_non_negative_int, default=4, help="extra videos without a label, split 'unlabelled' (default 4)")
     p.add_argument("--seed", type=int, default=0, help="random seed; the same seed gives the same archive (default 0)")
@@ -86,6 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "replaced and the run goes on from the last checkpoint; rerunning with the same --out and --name "
                        "resumes at the next epoch. GPUs are used when the Ray cluster has them (--cpu/--gpu force it).")
     p.add_argument("manifest", metavar="MANIFEST", help="manifest table (.parquet/.csv) with video_uri, label, split")
+    p.add_argument("--task", choices=task_names, default="classify", help="what the model learns to predict (default classify)")
     p.add_argument("--out", required=True, help="where checkpoints and the exported model go (folder or s3:// prefix)")
     p.add_argument("--epochs", type=_positive_int, default=12, help="passes over the training videos (default 12)")
     p.add_argument("--workers", type=_positive_int, default=2, help="Ray Train workers, DDP (default 2)")
@@ -150,6 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="segments shorter than this are absorbed by a neighbouring segment (default 0: no smoothing)")
     p.add_argument("--batch-size", type=_positive_int, default=32, help="clips per model call (default 32)")
     p.add_argument("--actors", type=_positive_int, default=1, help="model replicas in the actor pool (default 1)")
+    p.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
+                   help="model precision: bf16 autocast or fp32; auto: bf16 on GPU, fp32 on CPU, as in training (default auto)")
     p.add_argument("--truth", default=None, help="manifest with true labels: print the clip accuracy on its test split")
     p.add_argument("--ray-address", default=None, help="Ray cluster to use (default: RAY_ADDRESS, else a local Ray)")
 
@@ -169,22 +176,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _run(args) -> dict:
     if args.command == "synth":
-        from rnnimg.synth import SynthConfig, make_archive
+        from rnnimg.tasks import get
 
-        config = SynthConfig(videos=args.videos, unlabelled=args.unlabelled, seed=args.seed, seconds=args.seconds, fps=args.fps)
-        manifest = make_archive(args.out, config)
-        return {"manifest": manifest, "videos": args.videos + args.unlabelled}
+        manifest = get(args.task).synth(args.out, args.videos, args.unlabelled, args.seed, seconds=args.seconds, fps=args.fps)
+        return {"manifest": manifest, "videos": args.videos + args.unlabelled, "task": args.task}
 
     if args.command == "train":
-        from rnnimg.models.crnn import CRNNConfig
-        from rnnimg.train import TrainConfig, manifest_overview, train
+        from rnnimg.tasks import get
+        from rnnimg.train import TrainConfig, train
 
-        labels, _ = manifest_overview(args.manifest)
-        if len(labels) < 2:
-            raise ValueError(f"manifest {args.manifest} needs labelled train/val rows of at least 2 classes, found {list(labels)}")
-        model_config = CRNNConfig(labels=labels, rnn_type=args.rnn, rnn_impl=args.rnn_impl, rnn_hidden=args.rnn_hidden,
-                                  backbone=args.backbone, backbone_weights=args.backbone_weights, frame_size=args.frame_size,
-                                  frames_per_clip=args.frames_per_clip)
+        model_config = get(args.task).model_config(
+            args.manifest, rnn_type=args.rnn, rnn_impl=args.rnn_impl, rnn_hidden=args.rnn_hidden, backbone=args.backbone,
+            backbone_weights=args.backbone_weights, frame_size=args.frame_size, frames_per_clip=args.frames_per_clip)
         train_config = TrainConfig(
             epochs=args.epochs, workers=args.workers, batch_size=args.batch_size, lr=args.lr, lr_schedule=args.lr_schedule,
             warmup_epochs=args.warmup_epochs, weight_decay=args.weight_decay, clips_per_video=args.clips_per_video,
@@ -193,17 +196,18 @@ def _run(args) -> dict:
             precision=args.precision, max_failures=args.max_failures, keep_checkpoints=args.keep_checkpoints, seed=args.seed,
             shuffle_frames=args.shuffle_frames,
         )
-        result = train(args.manifest, args.out, args.name, train_config, model_config, ray_address=args.ray_address)
+        result = train(args.manifest, args.out, args.name, train_config, model_config, ray_address=args.ray_address, task=args.task)
         print(result.report_markdown, file=sys.stderr)
-        return {"model": result.model_uri, "run": result.run_uri, "report": result.report_uri, "best": result.metrics,
-                "evaluation": {k: result.evaluation[k] for k in ("accuracy", "macro_f1", "clips")}}
+        scalars = {k: v for k, v in result.evaluation.items() if isinstance(v, (int, float, str))}
+        return {"task": result.task, "model": result.model_uri, "run": result.run_uri, "report": result.report_uri,
+                "best": result.metrics, "evaluation": scalars}
 
     if args.command == "label":
         from rnnimg.label import LabelConfig, clip_accuracy, label
 
         config = LabelConfig(videos_per_shard=args.videos_per_shard, batch_size=args.batch_size, actors=args.actors,
                              stride_seconds=args.stride_seconds, range_seconds=args.range_seconds,
-                             min_segment_seconds=args.min_segment_seconds)
+                             min_segment_seconds=args.min_segment_seconds, precision=args.precision)
         result = label(args.videos, args.model, args.out, config, splits=args.splits, run_id=args.run_id, ray_address=args.ray_address)
         summary = result.summary()
         if args.truth:
@@ -228,10 +232,12 @@ def main(argv: list[str] | None = None) -> int:
     from rnnimg.manifest import ManifestError
     from rnnimg.runtime import ClusterUnreachable
     from rnnimg.storage import StorageError
+    from rnnimg.store_lock import LockHeld, LockLost
 
     try:
         summary = _run(args)
-    except (ValueError, FileNotFoundError, LabelError, ManifestError, StorageError, ClusterUnreachable, PermissionError) as err:
+    except (ValueError, FileNotFoundError, LabelError, ManifestError, StorageError, ClusterUnreachable, PermissionError, LockHeld,
+            LockLost) as err:
         message = str(err).splitlines()[0] if str(err) else type(err).__name__
         print(f"rnnimg {args.command}: error: {message}", file=sys.stderr)
         return EXIT_USAGE

@@ -1,4 +1,4 @@
-"""Label an archive with a trained CRNN, on Ray Data, into Parquet tables.
+"""Label an archive with an exported model, on Ray Data, into Parquet tables.
 
     rnnimg label ARCHIVE/ --model runs/model --out labels/
 
@@ -7,6 +7,10 @@ The data path:
     list the input -> deterministic shards -> probe headers, plan packs of work (Ray tasks)
         -> decode clips (a Ray task per pack, PyAV) -> Predictor (Ray actor pool, the model)
         -> per-shard Parquet tables, committed atomically
+
+Everything task-specific comes from the model: its ``config.json`` names its task
+(``rnnimg.tasks``), which says what the model adds to each clip row and which tables a shard
+writes (classification: ``clips`` and ``segments``). This module never imports training code.
 
 A pack is a range of a long video or several short videos, about ``range_seconds`` of video:
 one decode task each, so that Ray's cost per task is paid per minutes of video.
@@ -23,23 +27,22 @@ See ``rnnimg.tables`` for the store layout and schemas.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
 import time
 import uuid
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Iterator
+from typing import Iterator
 
 import numpy as np
 
-from rnnimg import storage, tables
+# torch stays out of this module's imports: the decode workers import it for its UDFs.
+from rnnimg import checkpoint, storage, tables, tasks
 from rnnimg.manifest import VideoRow, resolve_all, shards
+from rnnimg.models.precision import check_precision
+from rnnimg.store_lock import StoreLock
 from rnnimg.video.clips import ClipSpec, uniform_clips
-
-if TYPE_CHECKING:  # torch stays out of the decode workers, which import this module for its UDFs
-    from rnnimg.models.crnn import CRNNConfig
 
 log = logging.getLogger("rnnimg.label")
 
@@ -58,6 +61,7 @@ class LabelConfig:
     stride_seconds: float | None = None  # override the model's clip stride (None: the model's)
     range_seconds: float = 600.0  # work per decode task: longer videos are split into ranges of this many seconds, shorter ones packed
     min_segment_seconds: float = 0.0  # segments shorter than this are absorbed by a neighbour (0: off)
+    precision: str = "auto"  # model precision: "bf16" autocast, "fp32", or "auto" (bf16 on GPU, fp32 on CPU), as in training
 
     def __post_init__(self) -> None:
         for name in ("videos_per_shard", "batch_size", "actors"):
@@ -74,6 +78,7 @@ class LabelConfig:
             raise ValueError(f"range_seconds must be > 0, got {self.range_seconds}")
         if self.min_segment_seconds < 0:
             raise ValueError(f"min_segment_seconds must be >= 0, got {self.min_segment_seconds}")
+        check_precision(self.precision)
 
 
 class LabelError(RuntimeError):
@@ -278,20 +283,22 @@ def decode_video(batch: dict, spec: dict, frame_size: int, clips_per_batch: int)
 class Predictor:
     """Runs the model on batches of clips: dict of ndarrays in, dict of ndarrays out.
 
-    Status rows pass through untouched; clip rows get ``label`` and ``score``. The frames
-    column is dropped, so only small rows travel back to the driver.
+    Status rows pass through untouched; clip rows get the columns the model's task predicts
+    (classification: ``label`` and ``score``). The frames column is dropped, so only small rows
+    travel back to the driver. Precision follows the training rule (``rnnimg.models.precision``).
     """
 
-    def __init__(self, model_uri: str, device: str | None = None, threads: int | None = None):
+    def __init__(self, model_uri: str, device: str | None = None, threads: int | None = None, precision: str = "auto"):
         import torch
 
-        from rnnimg.train import load_model
+        from rnnimg.models.precision import autocast_dtype
 
         if threads:
             torch.set_num_threads(max(1, int(threads)))
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        self.model, self.config, self.model_id = load_model(model_uri, self.device)
-        self.labels = np.array(self.config.labels, dtype=object)
+        self.task, self.model, self.config, self.model_id = tasks.load_model(model_uri, self.device)
+        self.amp_dtype = autocast_dtype(precision, self.device)
+        self.columns = self.task.clip_columns()
 
     @classmethod
     def from_checkpoint(cls, model_uri: str, **kwargs) -> "Predictor":
@@ -300,23 +307,20 @@ class Predictor:
     def __call__(self, batch: dict) -> dict:
         import torch
 
-        from rnnimg.models.crnn import to_model_input
+        from rnnimg.models.layout import to_model_input
 
         out = {k: v for k, v in batch.items() if k != "frames"}
         n = len(batch["video_uri"])
-        labels = np.array([""] * n, dtype=object)
-        scores = np.zeros(n, np.float32)
+        for name, (dtype, fill) in self.columns.items():
+            out[name] = np.full(n, fill, dtype=dtype)
         todo = np.flatnonzero(~batch["is_status"].astype(bool))
         if len(todo):
-            on_gpu = self.device.startswith("cuda")
-            with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=on_gpu):
-                x = to_model_input(batch["frames"][todo]).to(self.device, non_blocking=True)  # (N, T, H, W, C) -> (N, T, C, H, W)
-                clip_logits, _ = self.model(x)
-                probs = torch.softmax(clip_logits.float(), dim=1)
-                score, index = probs.max(dim=1)
-            labels[todo] = self.labels[index.cpu().numpy()]
-            scores[todo] = score.cpu().numpy()
-        out["label"], out["score"] = labels, scores
+            device_type = torch.device(self.device).type
+            with torch.inference_mode(), torch.autocast(device_type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None):
+                frames = torch.from_numpy(batch["frames"][todo]).to(self.device, non_blocking=True)  # uint8 (N, T, H, W, C)
+                predicted = self.task.predict(self.model, to_model_input(frames), self.config)  # -> (N, T, C, H, W) float
+            for name, values in predicted.items():
+                out[name][todo] = values
         return out
 
 
@@ -333,7 +337,7 @@ class LabelResult:
     partial: int
     failed: int
     clips: int
-    segments: int
+    tables: dict  # rows of each task table (e.g. {"clips": 120, "segments": 9}), all shards of the run
     shards_done: int  # shards written by this invocation
     shards_skipped: int  # shards already committed by an earlier invocation
     seconds: float  # wall time of this invocation
@@ -343,23 +347,12 @@ class LabelResult:
         return asdict(self)
 
 
-def _model_identity(model_uri: str) -> tuple["CRNNConfig", str]:
-    from rnnimg.models.crnn import CRNNConfig
-    from rnnimg.train import MODEL_WEIGHTS
-
-    weights_uri = storage.join(model_uri, MODEL_WEIGHTS)
-    if not storage.exists(weights_uri):
-        raise LabelError(f"no exported model at {model_uri} (missing {MODEL_WEIGHTS}); pass the folder `rnnimg train` wrote as OUT/model")
-    config = CRNNConfig.from_dict(storage.read_json(storage.join(model_uri, "config.json")))
-    return config, hashlib.sha256(storage.read_bytes(weights_uri)).hexdigest()[:16]
-
-
-def _run_config(out: str, run_id: str | None, model_uri: str, model_id: str, spec: ClipSpec, config: LabelConfig, videos: list[str]) -> dict:
+def _run_config(out: str, run_id: str | None, model: checkpoint.ExportedModel, spec: ClipSpec, config: LabelConfig, videos: list[str]) -> dict:
     """The run's identity: reuse the one in ``OUT`` (resume) or start a new one."""
     path = storage.join(out, "_run", "config.json")
-    wanted = {"model_id": model_id, "clip_spec": spec.to_dict(), "videos_per_shard": config.videos_per_shard}
+    wanted = {"model_id": model.model_id, "task": model.task, "clip_spec": spec.to_dict(), "videos_per_shard": config.videos_per_shard}
     if storage.exists(path):
-        existing = storage.read_json(path)
+        existing = {"task": checkpoint.DEFAULT_TASK, **storage.read_json(path)}  # runs from before tasks classified
         same = {k: existing.get(k) for k in wanted} == wanted
         if not same:
             raise LabelError(
@@ -369,7 +362,7 @@ def _run_config(out: str, run_id: str | None, model_uri: str, model_id: str, spe
         if run_id and run_id != existing["run_id"]:
             raise LabelError(f"{out} holds run {existing['run_id']!r}, not {run_id!r}; use another --out")
         return existing
-    run = {**wanted, "run_id": run_id or time.strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6], "model_uri": model_uri, "videos": videos}
+    run = {**wanted, "run_id": run_id or time.strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6], "model_uri": model.uri, "videos": videos}
     storage.write_json(path, run)
     return run
 
@@ -395,6 +388,8 @@ def label(
     splits: list[str] | None = None,
     run_id: str | None = None,
     ray_address: str | None = None,
+    owner: str | None = None,
+    lock_stale_seconds: float = 600.0,
 ) -> LabelResult:
     """Label every video named by ``videos`` and write the tables under ``out``.
 
@@ -405,21 +400,39 @@ def label(
         out: output location (local folder or ``s3://``).
         splits: with a manifest, keep only rows whose ``split`` is one of these.
         run_id: name of the run (default: a new one, or the one already in ``out``).
+        owner: who writes, as the output's lock names it to a second writer (default: this process).
+        lock_stale_seconds: a lock on ``out`` not refreshed for this long is taken over (a holder
+            of this machine whose process is gone: at once).
 
     Raises:
-        LabelError: no model, or ``out`` holds a run with other settings.
+        LabelError: no model, a model of an unknown task, or ``out`` holds a run with other settings.
+        LockHeld: another run is writing to ``out`` (the message names it).
         ManifestError: no videos, or an unusable manifest.
     """
+    started = time.perf_counter()
+    videos = [videos] if isinstance(videos, str) else list(videos)
+    try:
+        model = checkpoint.read_config(model_uri)
+        task = tasks.get(model.task)
+        model_config = task.config_from_dict(model.config)
+    except (checkpoint.ModelNotFound, ValueError) as err:
+        raise LabelError(str(err)) from err
+    spec = ClipSpec(model_config.clip_seconds, model_config.frames_per_clip, config.stride_seconds or model_config.stride_seconds)
+    with StoreLock(out, owner or f"rnnimg label (pid {os.getpid()})", stale_after_s=lock_stale_seconds) as lock:
+        return _label_locked(videos, model, task, model_config, spec, out, config, splits, run_id, ray_address, lock, started)
+
+
+def _label_locked(videos: list[str], model: checkpoint.ExportedModel, task: tasks.Task, model_config, spec: ClipSpec, out: str,
+                  config: LabelConfig, splits: list[str] | None, run_id: str | None, ray_address: str | None, lock: StoreLock,
+                  started: float) -> LabelResult:
+    """The body of ``label`` while this run holds the output's lock."""
     import ray
     from ray.data import ActorPoolStrategy
 
     from rnnimg.runtime import ensure_ray
 
-    started = time.perf_counter()
-    videos = [videos] if isinstance(videos, str) else list(videos)
-    model_config, model_id = _model_identity(model_uri)
-    spec = ClipSpec(model_config.clip_seconds, model_config.frames_per_clip, config.stride_seconds or model_config.stride_seconds)
-    run = _run_config(out, run_id, model_uri, model_id, spec, config, videos)
+    model_uri = model.uri
+    run = _run_config(out, run_id, model, spec, config, videos)
     rows = _input_rows(out, videos, splits)
     all_shards = shards(rows, config.videos_per_shard)
     committed = _committed_shards(out) & set(range(len(all_shards)))
@@ -429,7 +442,7 @@ def label(
 
     if pending:
         # A run killed mid-write leaves temporaries next to the tables: clear them before redoing.
-        for table in ("clips", "segments", "videos", "_commits"):
+        for table in (*task.tables(), "videos", "_commits"):
             storage.remove_temporaries(storage.join(out, table))
         ensure_ray(ray_address)
         items = [{"shard": i, "video_uri": row.video_uri} for i in pending for row in all_shards[i]]
@@ -471,16 +484,16 @@ def label(
         )
         ds = ds.map_batches(
             Predictor,
-            fn_constructor_kwargs={"model_uri": model_uri, "threads": max(1, int(actor_cpus))},
+            fn_constructor_kwargs={"model_uri": model_uri, "threads": max(1, int(actor_cpus)), "precision": config.precision},
             compute=ActorPoolStrategy(size=config.actors),
             batch_size=config.batch_size,
             num_cpus=actor_cpus,
             num_gpus=gpus,
         )
-        _collect_and_commit(ds, out, run, all_shards, pending, config.min_segment_seconds)
+        _collect_and_commit(ds, out, run, task, all_shards, pending, config.min_segment_seconds, lock)
 
     timings["pipeline"] = time.perf_counter() - started - timings["plan"]
-    result = _summarize(out, run, rows, len(pending), len(committed), started, timings)
+    result = _summarize(out, run, task, rows, len(pending), len(committed), started, timings)
     storage.write_json(
         storage.join(out, "run.json"),
         {**result.summary(), "model_uri": model_uri, "clip_spec": spec.to_dict(), "label_config": asdict(config), "finished_at": time.time()},
@@ -501,8 +514,11 @@ def _commit_uri(out: str, shard: int) -> str:
     return storage.join(out, "_commits", f"shard-{shard:05d}.json")
 
 
-def _collect_and_commit(ds, out: str, run: dict, all_shards: list[list[VideoRow]], pending: list[int], min_segment_seconds: float) -> None:
+def _collect_and_commit(ds, out: str, run: dict, task: tasks.Task, all_shards: list[list[VideoRow]], pending: list[int],
+                        min_segment_seconds: float, lock: StoreLock) -> None:
     """Stream the predictions; write each shard's tables as soon as all its videos are in.
+
+    Before each commit the run checks that it still holds the output's lock (``LockLost`` stops it).
 
     Rows are keyed (clip: video + clip index; status: video + range), so a row that arrives
     twice, e.g. from a retried task, is stored once.
@@ -511,6 +527,7 @@ def _collect_and_commit(ds, out: str, run: dict, all_shards: list[list[VideoRow]
     clips: dict[int, dict[tuple, dict]] = {i: {} for i in pending}
     ranges: dict[int, dict[str, dict[int, dict]]] = {i: {} for i in pending}
     meta = {"run_id": run["run_id"], "model_id": run["model_id"]}
+    predicted = list(task.clip_columns())
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
         for j in range(len(batch["video_uri"])):
             shard, uri = int(batch["shard"][j]), str(batch["video_uri"][j])
@@ -523,8 +540,7 @@ def _collect_and_commit(ds, out: str, run: dict, all_shards: list[list[VideoRow]
                     "clip_index": key[1],
                     "start_s": float(batch["start_s"][j]),
                     "end_s": float(batch["end_s"][j]),
-                    "label": str(batch["label"][j]),
-                    "score": float(batch["score"][j]),
+                    **{name: batch[name][j].item() if hasattr(batch[name][j], "item") else batch[name][j] for name in predicted},
                     **meta,
                 }
                 continue
@@ -542,7 +558,8 @@ def _collect_and_commit(ds, out: str, run: dict, all_shards: list[list[VideoRow]
                 remaining[shard].discard(uri)
             if not remaining[shard]:
                 videos = [_video_row(uri, parts, meta) for uri, parts in ranges.pop(shard).items()]
-                _commit_shard(out, shard, run, list(clips.pop(shard).values()), videos, min_segment_seconds)
+                lock.check()
+                _commit_shard(out, shard, run, task, list(clips.pop(shard).values()), videos, min_segment_seconds)
                 remaining.pop(shard)
     if remaining:
         raise RuntimeError(f"the pipeline ended with shards {sorted(remaining)} incomplete")
@@ -568,34 +585,27 @@ def _video_row(uri: str, parts: dict[int, dict], meta: dict) -> dict:
     }
 
 
-def _commit_shard(out: str, shard: int, run: dict, clips: list[dict], videos: list[dict], min_segment_seconds: float) -> None:
-    """Write a shard's three tables, each atomically, then its completion record."""
-    from rnnimg.segments import merge_segments
-
+def _commit_shard(out: str, shard: int, run: dict, task: tasks.Task, clips: list[dict], videos: list[dict], min_segment_seconds: float) -> None:
+    """Write a shard's tables (the task's, then ``videos``), each atomically, then its completion record."""
     name = f"shard-{shard:05d}.parquet"
     clips.sort(key=lambda r: (r["video_uri"], r["clip_index"]))
     videos.sort(key=lambda r: r["video_uri"])
-    segments = []
-    by_video: dict[str, list[dict]] = {}
-    for row in clips:
-        by_video.setdefault(row["video_uri"], []).append(row)
-    for uri, rows in by_video.items():
-        for segment in merge_segments(rows, min_segment_seconds):
-            segments.append({"video_uri": uri, **segment, "model_id": run["model_id"], "run_id": run["run_id"]})
-    storage.write_table(tables.table_from_rows(clips, tables.with_run_metadata(tables.CLIPS, run)), storage.join(out, "clips", name))
-    storage.write_table(tables.table_from_rows(segments, tables.with_run_metadata(tables.SEGMENTS, run)), storage.join(out, "segments", name))
+    schemas = task.tables()
+    rows = task.shard_rows(clips, run, min_segment_seconds)
+    for table, schema in schemas.items():
+        storage.write_table(tables.table_from_rows(rows[table], tables.with_run_metadata(schema, run)), storage.join(out, table, name))
     storage.write_table(tables.table_from_rows(videos, tables.with_run_metadata(tables.VIDEOS, run)), storage.join(out, "videos", name))
     counts = {s: sum(1 for v in videos if v["status"] == s) for s in tables.VIDEO_STATUSES}
     storage.write_json(
         _commit_uri(out, shard),
-        {"shard": shard, "clips": len(clips), "segments": len(segments), "videos": len(videos), **counts, "committed_at": time.time()},
+        {"shard": shard, "videos": len(videos), **{table: len(rows[table]) for table in schemas}, **counts, "committed_at": time.time()},
     )
 
 
-def _summarize(out: str, run: dict, rows: list[VideoRow], done: int, skipped: int, started: float, timings: dict) -> LabelResult:
+def _summarize(out: str, run: dict, task: tasks.Task, rows: list[VideoRow], done: int, skipped: int, started: float, timings: dict) -> LabelResult:
     """Counts over the committed tables (every shard of the run is committed by now)."""
     videos = storage.read_table(storage.join(out, "videos"), columns=["status", "clips"]).to_pydict()
-    segments = storage.read_table(storage.join(out, "segments"), columns=["clips"]).num_rows
+    counts = {table: storage.read_table(storage.join(out, table), columns=["video_uri"]).num_rows for table in task.tables()}
     statuses = videos["status"]
     return LabelResult(
         out=out,
@@ -606,7 +616,7 @@ def _summarize(out: str, run: dict, rows: list[VideoRow], done: int, skipped: in
         partial=statuses.count("partial"),
         failed=statuses.count("failed"),
         clips=int(sum(videos["clips"])),
-        segments=segments,
+        tables=counts,
         shards_done=done,
         shards_skipped=skipped,
         seconds=round(time.perf_counter() - started, 3),

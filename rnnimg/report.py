@@ -4,9 +4,9 @@
 
 ``LABELS`` is either the output of one labelling run (``rnnimg label ... --out LABELS``:
 ``LABELS/clips``, ``LABELS/videos``) or the base folder of the ``label-videos`` flow
-(``LABELS/state.json``, ``LABELS/runs/<run_id>/``). For a base, the report covers the current
-labels of one model (default: the model of the latest successful run): every completed run of
-that model, each video taken from the latest run that labelled it.
+(``LABELS/state.json``, ``LABELS/runs/<run_id>/``, read with ``rnnimg.label_runs``). For a base,
+the report covers the current labels of one model (default: the model of the latest successful
+run): every completed run of that model, each video taken from the latest run that labelled it.
 
 The tables are read with ``dask.dataframe.read_parquet`` and a pyarrow filesystem from
 ``rnnimg.storage`` (local or ``s3://``), partition by partition: only aggregates (one row per
@@ -33,9 +33,11 @@ from dataclasses import asdict, dataclass, field
 
 import pyarrow as pa
 
-from rnnimg import storage
+from rnnimg import label_runs, storage
 
 log = logging.getLogger("rnnimg.report")
+
+LABELS_TABLE = "labels.parquet"  # REPORT/labels.parquet: one row per label, in the LABELS_SUMMARY schema
 
 # Schemas of the report's tables (the label tables' own schemas are in rnnimg.tables).
 LABELS_SUMMARY = pa.schema(
@@ -155,20 +157,15 @@ def resolve_labels(labels: str, model_id: str | None = None) -> LabelSource:
 
     Raises:
         ReportError: neither layout is there, the model has no completed run, or no tables.
+        ValueError: a base's state.json is of another version.
     """
-    state_uri = storage.join(labels, "state.json")
-    if storage.exists(state_uri):
-        state = storage.read_json(state_uri)
-        completed = [r for r in state.get("runs", []) if r.get("status") == "completed"]
-        if not completed:
-            raise ReportError(f"{labels} has no completed labelling run yet (state.json lists none)")
-        model_id = model_id or completed[-1]["model_id"]
-        runs = [r for r in completed if r["model_id"] == model_id]
-        if not runs:
-            known = sorted({r["model_id"] for r in completed})
-            raise ReportError(f"{labels} has no completed run of model {model_id!r}; models with runs: {known}")
-        dirs = [storage.join(labels, "runs", r["run_id"]) for r in runs]
-        source = LabelSource(labels, "base", [r["run_id"] for r in runs], dirs, model_id=model_id)
+    if label_runs.is_base(labels):
+        try:
+            model_id, runs = label_runs.completed_runs(labels, model_id)
+        except label_runs.NoCompletedRun as err:
+            raise ReportError(str(err)) from err
+        run_ids = [r["run_id"] for r in runs]
+        source = LabelSource(labels, "base", run_ids, [label_runs.run_out(labels, r) for r in run_ids], model_id=model_id)
     elif storage.exists(storage.join(labels, "clips")) or storage.exists(storage.join(labels, "videos")):
         config_uri = storage.join(labels, "_run", "config.json")
         config = storage.read_json(config_uri) if storage.exists(config_uri) else {}
@@ -362,7 +359,7 @@ def build_report(labels: str, out: str, config: ReportConfig = ReportConfig(), m
 
     total_clips = int(per_label_df["clips"].sum())
     label_table = _label_table(per_label_df, total_clips)
-    storage.write_table(label_table, storage.join(out, "labels.parquet"))
+    storage.write_table(label_table, storage.join(out, LABELS_TABLE))
 
     # The timeline: the first videos by URI; only their rows are collected.
     timeline_uris = sorted(first_s.tolist())[: config.timeline_videos]

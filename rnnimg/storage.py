@@ -6,7 +6,7 @@ variable (``AWS_ENDPOINT_URL_S3`` first) and its credentials from the standard A
 (environment, profile, instance role); nothing here logs or stores a credential.
 
 The rest of the code never imports pyarrow.fs or boto: it calls ``join``, ``open_input``,
-``write_bytes``, ``read_table``, ``write_table``, ``list_files`` and friends.
+``write_bytes``, ``create_if_absent``, ``read_table``, ``write_table``, ``list_files`` and friends.
 
 Writes are atomic: a local file is written under a temporary name in the same folder, then
 renamed into place; an S3 object becomes visible only when its upload completes. A reader
@@ -72,13 +72,19 @@ def _check_scheme(location: str) -> None:
         raise ValueError(f"s3 location {location!r} has no bucket: use s3://bucket/prefix")
 
 
+def _s3_endpoint_and_region() -> tuple[str | None, str]:
+    """The S3 endpoint (AWS_ENDPOINT_URL_S3, else AWS_ENDPOINT_URL, else AWS's) and region (default us-east-1)."""
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None
+    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
+    return endpoint, region
+
+
 def s3_filesystem() -> pafs.S3FileSystem:
     """The S3 filesystem for the current environment (endpoint from AWS_ENDPOINT_URL).
 
     Credentials are left to the AWS default chain; none is read or kept here.
     """
-    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
+    endpoint, region = _s3_endpoint_and_region()
     kwargs: dict = {"region": region, "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=5)}
     if endpoint:
         parsed = urlparse(endpoint)
@@ -302,6 +308,69 @@ def write_bytes(location: str, data: bytes) -> None:
                 os.remove(tmp)
 
     retry(_write, f"write {location}")
+
+
+def create_if_absent(location: str, data: bytes) -> bool:
+    """Write a whole file only if nothing is there yet; of two writers exactly one gets True.
+
+    Locally the content goes to a temporary file (fsynced) that is hard-linked into place:
+    ``link`` fails if the name exists, so the file is complete the moment it appears. On S3 it
+    is a conditional ``PutObject`` (``If-None-Match: *``; AWS S3, MinIO) through boto3.
+
+    Returns:
+        True if this call created the file, False if one was already there.
+
+    Raises:
+        StorageError: the store failed otherwise (or boto3 is missing for an s3:// location).
+    """
+    if is_s3(location):
+        return _s3_create_if_absent(location, data)
+    _, path = resolve(location)
+    folder = os.path.dirname(path)
+    os.makedirs(folder, exist_ok=True)
+    tmp = os.path.join(folder, f"{TEMP_PREFIX}{uuid.uuid4().hex}")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            return False
+        return True
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def _s3_client():
+    """A boto3 S3 client for the same endpoint and region as ``s3_filesystem`` (the only one in rnnimg).
+
+    pyarrow's S3 filesystem cannot make a conditional write; boto3 can.
+    """
+    try:
+        import boto3
+    except ImportError as err:  # pragma: no cover - depends on the installation
+        raise StorageError(f"create-if-absent on S3 needs boto3 (pip install boto3): {err}") from err
+    endpoint, region = _s3_endpoint_and_region()
+    return boto3.client("s3", endpoint_url=endpoint, region_name=region)
+
+
+def _s3_create_if_absent(location: str, data: bytes) -> bool:
+    client = _s3_client()
+    from botocore.exceptions import BotoCoreError, ClientError  # installed with boto3
+
+    bucket, _, key = location[len("s3://"):].partition("/")
+    try:
+        client.put_object(Bucket=bucket, Key=key, Body=data, IfNoneMatch="*")
+    except ClientError as err:
+        if err.response.get("Error", {}).get("Code") in ("PreconditionFailed", "ConditionalRequestConflict"):
+            return False
+        raise StorageError(f"create {location}: {err}") from err
+    except BotoCoreError as err:
+        raise StorageError(f"create {location}: {err}") from err
+    return True
 
 
 def remove_temporaries(location: str) -> int:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import json
 import os
 import tempfile
 from fractions import Fraction
@@ -149,20 +148,14 @@ def corrupt_file(src: str, dst: str, at: float = 0.5, length: int = 2000, seed: 
     return dst
 
 
-def export_untrained_model(out: str, **config_overrides) -> str:
-    """Write a randomly initialised CRNN as an exported model folder (safetensors + config)."""
+def export_untrained_model(out: str, task: str = "classify", **config_overrides) -> str:
+    """Write a randomly initialised model of ``task`` as an exported model folder (``rnnimg.checkpoint``)."""
     import torch
-    from safetensors.torch import save_file
 
-    from rnnimg.models.crnn import CRNN, CRNNConfig
+    from rnnimg import checkpoint, tasks
 
     torch.manual_seed(0)
-    config = CRNNConfig(**config_overrides)
-    model = CRNN(config)
-    os.makedirs(out, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, os.path.join(out, "model.safetensors"))
-    with open(os.path.join(out, "config.json"), "w") as f:
-        f.write(config.to_json())
-    with open(os.path.join(out, "labels.json"), "w") as f:
-        json.dump(list(config.labels), f)
+    job = tasks.get(task)
+    config = job.config_from_dict(config_overrides)
+    checkpoint.save(out, job.build_model(config).state_dict(), job.name, job.config_to_dict(config), labels=job.labels(config))
     return out

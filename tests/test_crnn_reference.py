@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from rnnimg.models.crnn import CRNN, CRNNConfig
-from rnnimg.train import loss_fn
+from rnnimg.tasks.classify import loss_fn
 
 
 @pytest.mark.parametrize("rnn_type", ["lstm", "gru"])

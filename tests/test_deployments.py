@@ -1,7 +1,8 @@
-"""The deployed flows: parameters, incremental labelling, the store lock, and a real deployment.
+"""The deployed flows: parameters, retry policies, an unreachable cluster, and a real deployment.
 
-The fast tests call the label flow's building blocks directly. The slow one is the operator's
-path of docs/operations.md on a throwaway stack: a Prefect server (SQLite, its own home), a
+The fast tests call the flows' building blocks directly (the lock and the incremental-labelling
+logic the label flow wraps are tested in test_store_lock.py and test_label_runs.py). The slow one
+is the operator's path of docs/operations.md on a throwaway stack: a Prefect server (SQLite, its own home), a
 `ray start --head` cluster (its own ports and temporary folder, so it never meets the session's
 in-process Ray), `prefect deploy` of infra/prefect.yaml, a process worker, and deployment runs.
 """
@@ -17,35 +18,23 @@ import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import urllib.request
 
 import pytest
 
 from rnnimg import storage
-from rnnimg.manifest import VideoRow
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.path.dirname(sys.executable)
 sys.path.insert(0, os.path.join(ROOT, "flows"))
 
-from flowkit import check_ray_address  # noqa: E402
 from label_report import ReportParams  # noqa: E402
-from label_videos import (  # noqa: E402
-    LabelParams,
-    LockHeld,
-    LockLost,
-    StoreLock,
-    create_if_absent,
-    labelled_before,
-    plan_delta,
-    read_state,
-    write_delta,
-)
+from label_videos import LabelParams  # noqa: E402
 from train_crnn import TrainParams  # noqa: E402
 
-from rnnimg.runtime import ClusterUnreachable  # noqa: E402
+from rnnimg.runtime import ClusterUnreachable, check_ray_address  # noqa: E402
+from rnnimg.store_lock import LockHeld  # noqa: E402
 
 
 def _free_port() -> int:
@@ -91,19 +80,21 @@ def test_flow_validates_its_parameter_before_running():
 
 def test_tasks_retry_storage_errors_but_not_bad_input_or_a_held_lock():
     from flowkit import transient
-    from label_videos import _retry_unless_held
+    from label_videos import acquire_lock
     from prefect.states import Failed
 
     from rnnimg.label import LabelError
     from rnnimg.storage import StorageError
 
-    permanent = [ValueError("bad"), FileNotFoundError("gone"), ClusterUnreachable("no cluster"), LabelError("other model")]
+    permanent = [ValueError("bad"), FileNotFoundError("gone"), ClusterUnreachable("no cluster"), LabelError("other model"),
+                 LockHeld("another writer")]
     for error in permanent:
         assert not transient(None, None, Failed(data=error)), error
     for error in (StorageError("503"), OSError("reset"), RuntimeError("lost a Ray node")):
         assert transient(None, None, Failed(data=error)), error
-    assert _retry_unless_held(None, None, Failed(data=StorageError("503")))
-    assert not _retry_unless_held(None, None, Failed(data=LockHeld("another run")))
+    retry_unless_held = acquire_lock.retry_condition_fn
+    assert retry_unless_held(None, None, Failed(data=StorageError("503")))
+    assert not retry_unless_held(None, None, Failed(data=LockHeld("another run")))
 
 
 def test_unreachable_ray_cluster_fails_in_seconds():
@@ -115,157 +106,6 @@ def test_unreachable_ray_cluster_fails_in_seconds():
         check_ray_address("ray://head-without-port")
     assert time.perf_counter() - started < 10
     check_ray_address(None)  # no address: a local Ray, nothing to check
-
-
-# ----------------------------------------------------------------------------- incremental labelling
-
-
-def _row(name: str, size: int = 100, version: str = "v1") -> VideoRow:
-    return VideoRow(video_uri=f"/archive/{name}.mp4", size=size, version=version)
-
-
-def test_plan_delta_labels_new_and_changed_videos_only():
-    known = {"/archive/a.mp4": (100, "v1"), "/archive/b.mp4": (100, "v1"), "/archive/c.mp4": (100, "v1"), "/archive/gone.mp4": (5, "v1")}
-    listing = [_row("a"), _row("b", size=101), _row("c", version="v2"), _row("new")]
-    delta = plan_delta(listing, known, "r2", "m1")
-    assert (delta.listed, delta.new, delta.changed, delta.unchanged, delta.removed) == (4, 1, 2, 1, 1)
-    assert sorted(r.video_uri for r in delta.rows) == ["/archive/b.mp4", "/archive/c.mp4", "/archive/new.mp4"]
-    assert plan_delta(listing, known, "r2", "m1", full=True).todo == 4
-    assert plan_delta(listing, {}, "r2", "other-model").new == 4  # a new model relabels everything
-
-
-def _completed_run(base: str, run_id: str, model_id: str, rows: list[VideoRow]) -> dict:
-    """What a finished run leaves behind, as far as the delta is concerned: its input listing."""
-    import pyarrow as pa
-
-    table = pa.Table.from_pylist([{"video_uri": r.video_uri, "size": r.size, "version": r.version, "label": None, "split": None} for r in rows])
-    storage.write_table(table, storage.join(base, "runs", run_id, "_run", "manifest.parquet"))
-    return {"run_id": run_id, "model_id": model_id, "status": "completed"}
-
-
-def test_labelled_before_takes_each_videos_latest_completed_run_of_the_model(tmp_path):
-    base = str(tmp_path / "base")
-    assert read_state(base) == {"version": 1, "runs": [], "last_success": {}, "pending": None}
-    runs = [
-        _completed_run(base, "r1", "m1", [_row("a"), _row("b")]),
-        _completed_run(base, "r2", "m1", [_row("b", size=200)]),
-        _completed_run(base, "r3", "m2", [_row("c")]),
-        {**_completed_run(base, "r4", "m1", [_row("d")]), "status": "abandoned"},
-    ]
-    state = {"version": 1, "runs": runs, "last_success": {}, "pending": None}
-    assert labelled_before(base, state, "m1") == {"/archive/a.mp4": (100, "v1"), "/archive/b.mp4": (200, "v1")}
-    assert labelled_before(base, state, "m2") == {"/archive/c.mp4": (100, "v1")}
-    storage.write_json(storage.join(base, "state.json"), {**state, "version": 99})
-    with pytest.raises(ValueError, match="state version 99; this flow reads version 1"):
-        read_state(base)
-
-
-def test_delta_manifest_is_read_back_by_the_label_job_with_size_and_version(tmp_path):
-    from rnnimg.manifest import resolve_videos
-
-    delta = plan_delta([_row("a", size=7, version="123"), _row("b")], {}, "r1", "m1")
-    uri = write_delta(str(tmp_path), delta)
-    assert uri == str(tmp_path / "runs" / "r1" / "_delta.parquet")
-    rows = resolve_videos(uri)
-    assert [(r.video_uri, r.size, r.version) for r in rows] == [("/archive/a.mp4", 7, "123"), ("/archive/b.mp4", 100, "v1")]
-
-
-def test_plan_run_resumes_a_crashed_run_and_abandons_another_models(tmp_path):
-    from label_videos import plan_run
-
-    archive = tmp_path / "archive"
-    archive.mkdir()
-    for name in ("a", "b", "c"):
-        (archive / f"{name}.mp4").write_bytes(name.encode() * 10)
-    base = str(tmp_path / "base")
-    params = LabelParams(videos=[str(archive)], model=str(tmp_path / "model"), out=base)
-    with StoreLock(base, "test", stale_after_s=60) as lock:
-        first = plan_run.fn(params, "m1", lock)
-        assert (first.new, first.todo, first.resumed) == (3, 3, False)
-        pending = read_state(base)["pending"]
-        assert pending["run_id"] == first.run_id and storage.exists(pending["delta"])
-
-        # The run crashed before record-run: the next run of m1 resumes it, same id and videos.
-        again = plan_run.fn(params, "m1", lock)
-        assert again.resumed and again.run_id == first.run_id and again.rows == first.rows
-
-        # A run of another model abandons it and plans everything for the new model.
-        other = plan_run.fn(params, "m2", lock)
-        state = read_state(base)
-        assert (other.todo, other.resumed) == (3, False) and other.run_id != first.run_id
-        assert [(r["run_id"], r["status"]) for r in state["runs"]] == [(first.run_id, "abandoned")]
-        assert state["pending"]["run_id"] == other.run_id
-
-
-# ----------------------------------------------------------------------------- the store lock
-
-
-def test_create_if_absent_has_exactly_one_winner(tmp_path):
-    target = str(tmp_path / "lock" / "x.json")
-    results: list[bool] = []
-    barrier = threading.Barrier(8)
-
-    def race(i: int) -> None:
-        barrier.wait()
-        results.append(create_if_absent(target, f"writer {i}".encode()))
-
-    threads = [threading.Thread(target=race, args=(i,)) for i in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert sorted(results) == [False] * 7 + [True]
-    assert storage.read_bytes(target).startswith(b"writer ")
-    assert [n for n in os.listdir(tmp_path / "lock")] == ["x.json"]  # no temporary left behind
-
-
-def test_lock_excludes_a_second_run_until_released(tmp_path):
-    base = str(tmp_path / "base")
-    first = StoreLock(base, "run one", stale_after_s=60).acquire()
-    try:
-        with pytest.raises(LockHeld, match=r"is being written by run one .*wait for it"):
-            StoreLock(base, "run two", stale_after_s=60).acquire()
-        first.check()
-    finally:
-        first.release()
-    with StoreLock(base, "run two", stale_after_s=60) as second:
-        assert second.holder()[1]["owner"] == "run two"
-        assert second.generation == 2
-    assert StoreLock(base, "anyone").holder() is None
-    assert os.listdir(os.path.join(base, "_lock")) == ["lock-00000002.json"]  # older generations are removed
-
-
-def test_heartbeat_keeps_a_long_run_locked_and_a_stale_lock_is_taken_over(tmp_path):
-    base = str(tmp_path / "base")
-    holder = StoreLock(base, "long run", stale_after_s=1.0, heartbeat_s=0.2).acquire()
-    time.sleep(1.5)  # longer than stale_after_s: only the heartbeat keeps it
-    with pytest.raises(LockHeld):
-        StoreLock(base, "newcomer", stale_after_s=1.0).acquire()
-    holder._stop.set()  # the holder "crashes": no more heartbeats
-    holder._thread.join()
-    time.sleep(1.3)
-    newcomer = StoreLock(base, "newcomer", stale_after_s=1.0, heartbeat_s=0.2).acquire()
-    try:
-        with pytest.raises(LockLost, match="taken over by another run; its results are not recorded"):
-            holder.check()
-        newcomer.check()
-        holder.release()  # must not release the newcomer's lock
-        assert newcomer.holder()[1]["owner"] == "newcomer"
-    finally:
-        newcomer.release()
-
-
-@pytest.mark.s3
-def test_lock_on_s3_uses_a_conditional_put(s3_bucket):
-    base = f"{s3_bucket}/labels"
-    assert create_if_absent(f"{base}/x.json", b"1") is True
-    assert create_if_absent(f"{base}/x.json", b"2") is False
-    assert storage.read_bytes(f"{base}/x.json") == b"1"
-    with StoreLock(base, "s3 run", stale_after_s=60):
-        with pytest.raises(LockHeld, match="s3 run"):
-            StoreLock(base, "other", stale_after_s=60).acquire()
-    with StoreLock(base, "other", stale_after_s=60) as lock:
-        assert lock.generation == 2
 
 
 # ----------------------------------------------------------------------------- the real deployment

@@ -3,6 +3,7 @@
 import json
 import os
 import shutil
+import time
 
 import duckdb
 import pandas as pd
@@ -127,7 +128,7 @@ def test_long_videos_split_into_ranges_give_the_same_rows(ray_local, tiny_archiv
     pd.testing.assert_frame_equal(rows(str(tmp_path / "whole"), "videos", ["video_uri"]), rows(str(tmp_path / "split"), "videos", ["video_uri"]))
     segments = rows(str(tmp_path / "split"), "segments", ["video_uri", "start_s"])
     assert segments.clips.sum() == split.clips
-    assert split.segments == len(segments)
+    assert split.tables == {"clips": split.clips, "segments": len(segments)}
 
 
 def _unit(uri, clips, error_type=""):
@@ -185,3 +186,23 @@ def test_plan_videos_then_decode_pack_equals_decoding_each_video(tiny_archive):
 
     ranges = [json.loads(p) for p in plan_videos(batch, spec, range_seconds=2.0)["pack"]]  # one clip per range
     assert [(u["range_index"], u["ranges_total"]) for p in ranges for u in p if u["video_uri"] == uris[0]] == [(0, 2), (1, 2)]
+
+
+def test_a_second_writer_of_one_output_fails_at_once_naming_the_holder(ray_local, tiny_archive, untrained_model, tmp_path):
+    from rnnimg.store_lock import LockHeld, StoreLock
+
+    root, _ = tiny_archive
+    videos = os.path.join(root, "videos", "test")
+    out = str(tmp_path / "out")
+    holder = StoreLock(out, "the other labelling run").acquire()
+    try:
+        started = time.perf_counter()
+        with pytest.raises(LockHeld, match="being written by the other labelling run"):
+            label(videos, untrained_model, out)
+        assert time.perf_counter() - started < 10
+        assert not os.path.exists(os.path.join(out, "_run"))  # nothing written
+    finally:
+        holder.release()
+    result = label(videos, untrained_model, out)  # released: this run writes, and releases in turn
+    assert result.videos == result.ok > 0
+    assert StoreLock(out, "probe").holder() is None

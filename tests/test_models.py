@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from rnnimg.models.crnn import CRNN, CRNNConfig, to_model_input
+from rnnimg.models.crnn import CRNN, CRNNConfig
+from rnnimg.models.layout import to_model_input
 
 
 @pytest.mark.parametrize("rnn_type", ["lstm", "gru"])

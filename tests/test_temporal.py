@@ -12,10 +12,13 @@ import numpy as np
 import pytest
 import torch
 
-from rnnimg.manifest import read_manifest
+from rnnimg.manifest import labelled_rows, read_manifest
 from rnnimg.models.crnn import CRNN, CRNNConfig
 from rnnimg.synth import SynthConfig, make_archive
-from rnnimg.train import TrainConfig, _labelled_rows, evaluate, iter_batches, iter_clips, make_optimizer, summarize, train_one_epoch
+from rnnimg.tasks import get as get_task
+from rnnimg.train.config import TrainConfig
+from rnnimg.train.data import iter_batches, iter_clips
+from rnnimg.train.loop import evaluate, make_optimizer, train_one_epoch
 
 pytestmark = [pytest.mark.slow]
 
@@ -31,17 +34,18 @@ def fit_and_score(manifest: str, shuffle_frames: bool, epochs: int = 6) -> float
     rows = read_manifest(manifest)
     config = CRNNConfig()
     train_config = TrainConfig(epochs=epochs, clips_per_video=2, shuffle_frames=shuffle_frames)
-    train_rows = _labelled_rows(rows, "train", config.labels) + _labelled_rows(rows, "val", config.labels)
-    test_rows = _labelled_rows(rows, "test", config.labels)
+    task = get_task("classify")
+    train_rows = labelled_rows(rows, "train", config.labels) + labelled_rows(rows, "val", config.labels)
+    test_rows = labelled_rows(rows, "test", config.labels)
     model = CRNN(config)
     steps = int(np.ceil(len(train_rows) * train_config.clips_per_video / train_config.batch_size))
     optimizer, scheduler = make_optimizer(model, train_config, steps * epochs)
     for epoch in range(epochs):
         rng = np.random.default_rng([0, epoch])
-        clips = iter_clips(train_rows, config, train=True, rng=rng, clips_per_video=2, shuffle_frames=shuffle_frames, augment=True)
-        train_one_epoch(model, optimizer, iter_batches(clips, 16, shuffle_buffer=64, rng=rng), "cpu", config.frame_loss_weight, scheduler)
-    clips = iter_clips(test_rows, config, train=False, rng=np.random.default_rng(1), shuffle_frames=shuffle_frames)
-    return summarize(evaluate(model, iter_batches(clips, 32), "cpu", config.num_classes))["acc"]
+        clips = iter_clips(train_rows, task, config, train=True, rng=rng, clips_per_video=2, shuffle_frames=shuffle_frames, augment=True)
+        train_one_epoch(model, optimizer, iter_batches(clips, 16, shuffle_buffer=64, rng=rng), "cpu", task, config, scheduler)
+    clips = iter_clips(test_rows, task, config, train=False, rng=np.random.default_rng(1), shuffle_frames=shuffle_frames)
+    return task.summarize(evaluate(model, iter_batches(clips, 32), "cpu", task, config))["acc"]
 
 
 def test_ordered_frames_learn_the_motion_and_shuffled_frames_stay_at_chance(motion_archive):

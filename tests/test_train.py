@@ -16,24 +16,14 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from rnnimg import evaluation
-from rnnimg.manifest import ManifestError, read_manifest
+from rnnimg import evaluation, tasks
+from rnnimg.manifest import ManifestError, labelled_rows, labelled_videos, manifest_overview, read_manifest, shard_rows
 from rnnimg.models.crnn import BACKBONES, CRNN, CRNNConfig
-from rnnimg.train import (
-    LR_SCHEDULES,
-    TrainConfig,
-    _labelled_rows,
-    _rebatch,
-    epoch_batches,
-    iter_batches,
-    iter_clips,
-    labelled_videos,
-    lr_multiplier,
-    make_optimizer,
-    manifest_overview,
-    shard_rows,
-    train_one_epoch,
-)
+from rnnimg.train.config import LR_SCHEDULES, TrainConfig
+from rnnimg.train.data import epoch_batches, iter_batches, iter_clips, rebatch
+from rnnimg.train.loop import lr_multiplier, make_optimizer, train_one_epoch
+
+CLASSIFY = tasks.get("classify")
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -121,7 +111,7 @@ def test_manifest_overview_counts_labelled_rows_per_split(manifest_table):
 @pytest.mark.parametrize("world", [1, 2, 3, 4])
 def test_each_rank_reads_its_own_share_like_shard_rows(manifest_table, world):
     path, _ = manifest_table
-    everything = _labelled_rows(read_manifest(path), "train", ("a", "b"))
+    everything = labelled_rows(read_manifest(path), "train", ("a", "b"))
     assert len(everything) == 7 and everything[-1] == ("s3://bucket/elsewhere.mp4", 1)
     assert everything[0] == (os.path.join(os.path.dirname(path), "videos", "v00.mp4"), 0)  # relative to the manifest
     shares = [labelled_videos(path, "train", ("a", "b"), rank=r, world=world, pad=True) for r in range(world)]
@@ -151,7 +141,7 @@ def test_manifest_shards_from_csv_and_errors(tmp_path, manifest_table):
 
 def test_rebatch_regroups_uneven_chunks_into_full_batches():
     chunks = [(torch.full((n, 1), float(i)), torch.full((n,), i)) for i, n in enumerate([3, 4, 1, 4, 2])]
-    batches = list(_rebatch(chunks, 4))
+    batches = list(rebatch(chunks, 4))
     assert [len(y) for _, y in batches] == [4, 4, 4, 2]
     assert torch.cat([y for _, y in batches]).tolist() == [0, 0, 0, 1, 1, 1, 1, 2, 3, 3, 3, 3, 4, 4]
     assert all(len(x) == len(y) for x, y in batches)
@@ -168,39 +158,41 @@ def _clip_keys(batches) -> list:
 def test_decoding_in_loader_processes_gives_the_same_clips(tiny_archive):
     _, manifest = tiny_archive
     config = CRNNConfig(frame_size=32)
-    rows = _labelled_rows(read_manifest(manifest), "train", config.labels)
+    rows = labelled_rows(read_manifest(manifest), "train", config.labels)
     plain = TrainConfig(batch_size=3)
     loaded = TrainConfig(batch_size=3, loader_workers=2)
     # Evaluation clips are every uniform window: the same set, whoever decodes them.
-    evaluated = list(epoch_batches(rows, config, plain, train=False, epoch=0))
-    assert _clip_keys(epoch_batches(rows, config, loaded, train=False, epoch=0)) == _clip_keys(evaluated)
+    evaluated = list(epoch_batches(rows, CLASSIFY, config, plain, train=False, epoch=0))
+    assert _clip_keys(epoch_batches(rows, CLASSIFY, config, loaded, train=False, epoch=0)) == _clip_keys(evaluated)
     assert len(_clip_keys(evaluated)) == 2 * len(rows)  # 4 s videos, 2 s clips
     # Training clips are random: the same count and batch sizes, every video's label once per clip.
-    trained = list(epoch_batches(rows, config, loaded, train=True, epoch=0))
+    trained = list(epoch_batches(rows, CLASSIFY, config, loaded, train=True, epoch=0))
     assert [len(y) for _, y in trained] == [3] * (len(rows) // 3) + ([len(rows) % 3] if len(rows) % 3 else [])
     assert sorted(torch.cat([y for _, y in trained]).tolist()) == sorted(label for _, label in rows)
     # The same epoch twice: the same clips (a redone epoch after a failure sees what it saw).
-    assert _clip_keys(epoch_batches(rows, config, plain, train=True, epoch=1)) == _clip_keys(epoch_batches(rows, config, plain, train=True, epoch=1))
+    assert _clip_keys(epoch_batches(rows, CLASSIFY, config, plain, train=True, epoch=1)) == _clip_keys(
+        epoch_batches(rows, CLASSIFY, config, plain, train=True, epoch=1))
 
 
 def test_uint8_batches_train_exactly_like_float_batches_and_bf16_runs(tiny_archive):
     _, manifest = tiny_archive
     config = CRNNConfig(frame_size=32, dropout=0.0)
-    rows = _labelled_rows(read_manifest(manifest), "train", config.labels)[:4]
-    clips = list(iter_clips(rows, config, train=False, rng=np.random.default_rng(0)))
+    rows = labelled_rows(read_manifest(manifest), "train", config.labels)[:4]
+    clips = list(iter_clips(rows, CLASSIFY, config, train=False, rng=np.random.default_rng(0)))
     losses = []
     for uint8 in (False, True):
         torch.manual_seed(0)
         model = CRNN(config)
         optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-        stats = train_one_epoch(model, optimizer, iter_batches(clips, 4, uint8=uint8), "cpu", 0.3)
-        losses.append(stats["loss_sum"])
+        stats = train_one_epoch(model, optimizer, iter_batches(clips, 4, uint8=uint8), "cpu", CLASSIFY, config)
+        losses.append(float(stats["loss_sum"]))
     assert losses[0] == pytest.approx(losses[1], rel=1e-6)
     for rnn_impl in ("torch", "reference"):
-        model = CRNN(CRNNConfig(frame_size=32, rnn_impl=rnn_impl))
+        impl_config = CRNNConfig(frame_size=32, rnn_impl=rnn_impl)
+        model = CRNN(impl_config)
         optimizer = torch.optim.AdamW(model.parameters())
-        stats = train_one_epoch(model, optimizer, iter_batches(clips[:4], 4, uint8=True), "cpu", 0.3, amp_dtype=torch.bfloat16)
-        assert stats["count"] == 4 and math.isfinite(stats["loss_sum"])
+        stats = train_one_epoch(model, optimizer, iter_batches(clips[:4], 4, uint8=True), "cpu", CLASSIFY, impl_config, amp_dtype=torch.bfloat16)
+        assert int(stats["count"]) == 4 and math.isfinite(float(stats["loss_sum"]))
 
 
 # ----------------------------------------------------------------------------- evaluation report

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from torch import nn
 
+
 RNN_TYPES = ("lstm", "gru")
 RNN_IMPLS = ("torch", "reference")
 # torchvision ResNets usable as the per-frame CNN, with the channels of their last stage.
@@ -328,20 +329,6 @@ def load_backbone_weights(model: CRNN, uri: str) -> None:
         if isinstance(model.backbone, TorchvisionBackbone):
             state = {k[len("net.") :]: v for k, v in state.items() if k.startswith("net.")}
     model.backbone.load_pretrained(state)
-
-
-def to_model_input(clips_thwc: np.ndarray | torch.Tensor) -> torch.Tensor:
-    """uint8 (B, T, H, W, C) or (T, H, W, C) -> float32 (B, T, C, H, W) in [-0.5, 0.5].
-
-    A tensor stays on its device: convert after moving uint8 to the GPU (4x fewer bytes to copy).
-    """
-    x = torch.as_tensor(clips_thwc)
-    if x.dim() == 4:
-        x = x.unsqueeze(0)  # (T, H, W, C) -> (1, T, H, W, C)
-    if x.dim() != 5 or x.shape[-1] != 3:
-        raise ValueError(f"clips must be (B, T, H, W, 3) or (T, H, W, 3) uint8, got shape {tuple(x.shape)}")
-    x = x.permute(0, 1, 4, 2, 3)  # (B, T, H, W, C) -> (B, T, C, H, W)
-    return x.float().div_(255.0).sub_(0.5)
 
 
 def build_model(config: CRNNConfig) -> CRNN:

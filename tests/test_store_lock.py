@@ -1,0 +1,105 @@
+"""rnnimg.store_lock and storage.create_if_absent: one writer per output location, locally and on S3."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from rnnimg import storage
+from rnnimg.storage import create_if_absent
+from rnnimg.store_lock import LockHeld, LockLost, StoreLock
+
+
+def test_create_if_absent_has_exactly_one_winner(tmp_path):
+    target = str(tmp_path / "lock" / "x.json")
+    results: list[bool] = []
+    barrier = threading.Barrier(8)
+
+    def race(i: int) -> None:
+        barrier.wait()
+        results.append(create_if_absent(target, f"writer {i}".encode()))
+
+    threads = [threading.Thread(target=race, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(results) == [False] * 7 + [True]
+    assert storage.read_bytes(target).startswith(b"writer ")
+    assert [n for n in os.listdir(tmp_path / "lock")] == ["x.json"]  # no temporary left behind
+
+
+def test_lock_excludes_a_second_run_until_released(tmp_path):
+    base = str(tmp_path / "base")
+    first = StoreLock(base, "run one", stale_after_s=60).acquire()
+    try:
+        with pytest.raises(LockHeld, match=r"is being written by run one .*wait for it"):
+            StoreLock(base, "run two", stale_after_s=60).acquire()
+        first.check()
+    finally:
+        first.release()
+    with StoreLock(base, "run two", stale_after_s=60) as second:
+        assert second.holder()[1]["owner"] == "run two"
+        assert second.generation == 2
+    assert StoreLock(base, "anyone").holder() is None
+    assert os.listdir(os.path.join(base, "_lock")) == ["lock-00000002.json"]  # older generations are removed
+
+
+def test_heartbeat_keeps_a_long_run_locked_and_a_stale_lock_is_taken_over(tmp_path):
+    base = str(tmp_path / "base")
+    holder = StoreLock(base, "long run", stale_after_s=1.0, heartbeat_s=0.2).acquire()
+    time.sleep(1.5)  # longer than stale_after_s: only the heartbeat keeps it
+    with pytest.raises(LockHeld):
+        StoreLock(base, "newcomer", stale_after_s=1.0).acquire()
+    holder._stop.set()  # the holder "crashes": no more heartbeats
+    holder._thread.join()
+    time.sleep(1.3)
+    newcomer = StoreLock(base, "newcomer", stale_after_s=1.0, heartbeat_s=0.2).acquire()
+    try:
+        with pytest.raises(LockLost, match="taken over by another run; its results are not recorded"):
+            holder.check()
+        newcomer.check()
+        holder.release()  # must not release the newcomer's lock
+        assert newcomer.holder()[1]["owner"] == "newcomer"
+    finally:
+        newcomer.release()
+
+
+@pytest.mark.s3
+def test_lock_on_s3_uses_a_conditional_put(s3_bucket):
+    base = f"{s3_bucket}/labels"
+    assert create_if_absent(f"{base}/x.json", b"1") is True
+    assert create_if_absent(f"{base}/x.json", b"2") is False
+    assert storage.read_bytes(f"{base}/x.json") == b"1"
+    with StoreLock(base, "s3 run", stale_after_s=60):
+        with pytest.raises(LockHeld, match="s3 run"):
+            StoreLock(base, "other", stale_after_s=60).acquire()
+    with StoreLock(base, "other", stale_after_s=60) as lock:
+        assert lock.generation == 2
+
+
+def test_a_killed_holder_on_this_host_frees_the_lock_at_once(tmp_path):
+    base = str(tmp_path / "out")
+    code = ("import sys, time; from rnnimg.store_lock import StoreLock; "
+            f"StoreLock({base!r}, 'the killed run').acquire(); print('held', flush=True); time.sleep(120)")
+    holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(LockHeld, match="being written by the killed run"):
+            StoreLock(base, "second", stale_after_s=3600).acquire()
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait(timeout=30)
+    # Its pid is gone on this host: free now, not after stale_after_s.
+    assert StoreLock(base, "probe", stale_after_s=3600).holder() is None
+    lock = StoreLock(base, "rerun", stale_after_s=3600).acquire()
+    try:
+        lock.check()
+    finally:
+        lock.release()
