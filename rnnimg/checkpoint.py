@@ -70,18 +70,21 @@ def _split_task(config: dict) -> tuple[str, dict]:
     return str(fields.pop("task", DEFAULT_TASK)), fields
 
 
+def _describe(model_uri: str, weights: bytes) -> ExportedModel:
+    config_uri = storage.join(model_uri, CONFIG)
+    if not storage.exists(config_uri):
+        raise ModelNotFound(f"exported model at {model_uri} has no {CONFIG}")
+    task, fields = _split_task(storage.read_json(config_uri))
+    return ExportedModel(uri=model_uri, task=task, config=fields, model_id=id_of(weights))
+
+
 def read_config(model_uri: str) -> ExportedModel:
     """The task, model config and model id of an exported model, without torch.
 
     Raises:
         ModelNotFound: the folder lacks the weights or config.json.
     """
-    weights = _weights(model_uri)
-    config_uri = storage.join(model_uri, CONFIG)
-    if not storage.exists(config_uri):
-        raise ModelNotFound(f"exported model at {model_uri} has no {CONFIG}")
-    task, fields = _split_task(storage.read_json(config_uri))
-    return ExportedModel(uri=model_uri, task=task, config=fields, model_id=id_of(weights))
+    return _describe(model_uri, _weights(model_uri))
 
 
 def load_state(model_uri: str) -> tuple[ExportedModel, dict]:
@@ -93,11 +96,7 @@ def load_state(model_uri: str) -> tuple[ExportedModel, dict]:
     from safetensors.torch import load
 
     weights = _weights(model_uri)
-    config_uri = storage.join(model_uri, CONFIG)
-    if not storage.exists(config_uri):
-        raise ModelNotFound(f"exported model at {model_uri} has no {CONFIG}")
-    task, fields = _split_task(storage.read_json(config_uri))
-    return ExportedModel(uri=model_uri, task=task, config=fields, model_id=id_of(weights)), load(weights)
+    return _describe(model_uri, weights), load(weights)
 
 
 def save(model_uri: str, state_dict: dict, task: str, config: dict, labels: list[str] | tuple[str, ...] = (), metrics: dict | None = None) -> str:
