@@ -301,7 +301,11 @@ class Stack:
                 _stop(proc, grace_s)
             except Exception as err:  # noqa: BLE001 - go on stopping the others, report after
                 errors.append(err)
-        leftovers = [pid for pid in _pids_with_arg(self.ray_tmp)]
+        # A SIGKILLed process leaves /proc only once the kernel has torn it down: give them a moment.
+        deadline = time.monotonic() + 15
+        while _pids_with_arg(self.ray_tmp) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        leftovers = _pids_with_arg(self.ray_tmp)
         for pid in leftovers:
             os.kill(pid, signal.SIGKILL)
         shutil.rmtree(self.ray_tmp, ignore_errors=True)
