@@ -59,6 +59,8 @@ class LabelParams(BaseModel):
     range_seconds: float = Field(LabelConfig.range_seconds, gt=0, description="seconds of video per decode task: longer videos are split into ranges, shorter ones packed")
     min_segment_seconds: float = Field(LabelConfig.min_segment_seconds, ge=0, description="shorter segments are absorbed by a neighbour")
     lock_stale_seconds: float = Field(600.0, ge=30, description="a lock not refreshed for this long is taken over")
+    allow_prefixes: list[Location] | None = Field(None, description="locations a manifest may name besides its own bucket")
+    extensions: list[str] | None = Field(None, description="file extensions that are videos in a folder listing (default: FFmpeg's video demuxers')")
     ray_address: str | None = Field(None, description="Ray cluster to use (default: RAY_ADDRESS, else a local Ray)")
 
     def label_config(self) -> LabelConfig:
@@ -112,14 +114,19 @@ def plan_run(params: LabelParams, model_id: str, lock: StoreLock) -> Delta:
     from prefect.runtime import flow_run
 
     return label_runs.plan_run(params.out, params.videos, params.splits, model_id, params.model, params.full, lock,
-                               run_id_suffix=flow_run.id, logger=run_logger())
+                               run_id_suffix=flow_run.id, logger=run_logger(), allow_prefixes=params.allow_prefixes,
+                               extensions=params.extensions)
 
 
 @task(name="label-delta", retries=1, retry_delay_seconds=10, retry_condition_fn=transient, cache_policy=NO_CACHE)
 def label_delta(params: LabelParams, delta: Delta) -> LabelResult:
     """Ray Data labelling of the run's videos into ``BASE/runs/<run_id>``; a retry keeps committed shards."""
+    from prefect.runtime import flow_run
+
+    # The delta was listed under the flow's rules (confinement included): label it as listed.
     return label(label_runs.delta_uri(params.out, delta.run_id), params.model, label_runs.run_out(params.out, delta.run_id),
-                 params.label_config(), run_id=delta.run_id, ray_address=params.ray_address)
+                 params.label_config(), run_id=delta.run_id, ray_address=params.ray_address, listing=list(delta.rows),
+                 owner=f"flow run {flow_run.name or '?'} ({flow_run.id or 'not in a flow run'})")
 
 
 @task(name="record-run", retries=3, retry_delay_seconds=2, retry_condition_fn=transient, cache_policy=NO_CACHE)
@@ -139,7 +146,7 @@ def publish_labelling(params: LabelParams, summary: dict) -> None:
     from rnnimg.report import label_counts
 
     key = artifact_key("label", storage.basename(params.out))
-    counts_columns = ["run_id", "model_id", "listed", "new", "changed", "unchanged", "removed", "videos", "ok", "partial",
+    counts_columns = ["run_id", "model_id", "listed", "new", "changed", "retried", "unchanged", "removed", "videos", "ok", "partial",
                       "failed", "clips", "seconds"]
     create_table_artifact([{c: summary.get(c) for c in counts_columns}], key=f"{key}-counts",
                           description=f"Labelling run {summary['run_id']} under {params.out}")
@@ -154,7 +161,10 @@ def publish_labelling(params: LabelParams, summary: dict) -> None:
         "",
         f"- model `{summary['model_id']}`; base `{params.out}`",
         f"- listed {summary['listed']} videos: {summary['new']} new, {summary['changed']} changed, "
-        f"{summary['unchanged']} unchanged (skipped), {summary['removed']} no longer listed",
+        f"{summary['retried']} retried after a transient failure, {summary['unchanged']} unchanged (skipped), "
+        f"{summary['removed']} no longer listed",
+        f"- left out of the listing (not videos by their extension): "
+        + (", ".join(f"{n} {ext or '(no extension)'}" for ext, n in sorted(summary["left_out"].items())) or "nothing"),
         f"- labelled {summary['videos']}: {summary['ok']} ok, {summary['partial']} partial, {summary['failed']} failed; "
         f"{summary['clips']} clips in {summary['seconds']:.0f} s" + (" (resumed a crashed run)" if summary.get("resumed") else ""),
     ]
@@ -174,7 +184,8 @@ def label_videos(params: LabelParams) -> dict:
 
     Returns:
         The run's summary: ``run_id``, ``model_id``, ``out`` (the run folder, None when nothing
-        was new), listing counts (``listed``, ``new``, ``changed``, ``unchanged``, ``removed``),
+        was new), listing counts (``listed``, ``new``, ``changed``, ``retried``, ``unchanged``, ``removed``,
+        ``left_out``: files that are not videos, by extension),
         labelling counts (``videos``, ``ok``, ``partial``, ``failed``, ``clips``), ``seconds``,
         and with ``truth`` ``test_clip_accuracy``/``test_clips``.
     """
@@ -185,8 +196,8 @@ def label_videos(params: LabelParams) -> dict:
     lock = acquire_lock(params.out, params.lock_stale_seconds)
     try:
         delta = plan_run(params, model_id, lock)
-        logger.info("model %s: %d listed, %d new, %d changed, %d unchanged, %d no longer listed",
-                    model_id, delta.listed, delta.new, delta.changed, delta.unchanged, delta.removed)
+        logger.info("model %s: %d listed, %d new, %d changed, %d retried, %d unchanged, %d no longer listed; left out (not videos): %s",
+                    model_id, delta.listed, delta.new, delta.changed, delta.retried, delta.unchanged, delta.removed, delta.left_out or "nothing")
         result = label_delta(params, delta) if delta.todo else None
         if result is not None:
             record_run(params, delta, result, lock)

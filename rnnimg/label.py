@@ -39,10 +39,10 @@ import numpy as np
 
 # torch stays out of this module's imports: the decode workers import it for its UDFs.
 from rnnimg import checkpoint, storage, tables, tasks
-from rnnimg.manifest import VideoRow, resolve_all, shards
+from rnnimg.manifest import VideoRow, list_inputs, shards
 from rnnimg.models.precision import check_precision
 from rnnimg.store_lock import StoreLock
-from rnnimg.video.clips import ClipSpec, uniform_clips
+from rnnimg.video.clips import ClipSpec, clip_count, uniform_clips
 
 log = logging.getLogger("rnnimg.label")
 
@@ -93,13 +93,16 @@ def plan_video(row: dict, spec: dict, range_seconds: float) -> list[dict]:
 
     Opens the video's header only (no decoding) to read its duration, plans the clips and
     cuts them into ranges of about ``range_seconds``, so that one long video spreads over many
-    decode tasks. A video that cannot be opened becomes one unit carrying the error.
+    decode tasks. A video that cannot be opened, or that the listing refused (a remote manifest's
+    URI outside its bucket), becomes one unit carrying the error; a refused one is never opened.
     """
     from rnnimg.video.decode import VideoError, VideoReader
 
     clip_spec = ClipSpec(**spec)
     unit = {"shard": int(row["shard"]), "video_uri": str(row["video_uri"]), "range_index": 0, "ranges_total": 1,
             "clip_start": 0, "clip_stop": 0, "duration_s": float("nan"), "error_type": "", "error": ""}
+    if row.get("refused"):
+        return [{**unit, "error_type": "refused", "error": str(row["refused"])}]
     try:
         with VideoReader(unit["video_uri"]) as reader:
             duration = reader.duration_s
@@ -108,11 +111,11 @@ def plan_video(row: dict, spec: dict, range_seconds: float) -> list[dict]:
     except Exception as err:  # noqa: BLE001 - one bad video must never stop the job: record it instead
         log.exception("unexpected error opening %s", unit["video_uri"])
         return [{**unit, "error_type": "unexpected", "error": f"{unit['video_uri']}: {type(err).__name__}: {err}"[:500]}]
-    n_clips = len(uniform_clips(duration, clip_spec))
+    n_clips = clip_count(duration, clip_spec)  # arithmetic: a plan is built per range, in the range's task
     if n_clips == 0:
         return [{**unit, "duration_s": duration, "error_type": "empty", "error": f"{unit['video_uri']}: the video stream has no duration (no frames)"}]
     per_range = max(1, int(range_seconds // clip_spec.stride_seconds))
-    starts = list(range(0, n_clips, per_range))
+    starts = range(0, n_clips, per_range)
     return [
         {**unit, "range_index": i, "ranges_total": len(starts), "clip_start": a, "clip_stop": min(a + per_range, n_clips), "duration_s": duration}
         for i, a in enumerate(starts)
@@ -146,7 +149,7 @@ def plan_videos(batch: dict, spec: dict, range_seconds: float, threads: int = 8)
     """
     from concurrent.futures import ThreadPoolExecutor
 
-    rows = [{"shard": s, "video_uri": u} for s, u in zip(batch["shard"], batch["video_uri"])]
+    rows = [{"shard": s, "video_uri": u, "refused": r} for s, u, r in zip(batch["shard"], batch["video_uri"], batch["refused"])]
     with ThreadPoolExecutor(max(1, min(threads, len(rows)))) as pool:
         units = [u for planned in pool.map(lambda r: plan_video(r, spec, range_seconds), rows) for u in planned]
     packs = pack_units(units, float(spec["stride_seconds"]), range_seconds)
@@ -229,9 +232,7 @@ def _decode_unit(unit: dict, clip_spec: ClipSpec, frame_size: int, rows: _ClipRo
     try:
         with VideoReader(video_uri, (frame_size, frame_size)) as reader:
             duration = reader.duration_s
-            plan = uniform_clips(duration, clip_spec)
-            if "clip_start" in unit:
-                plan = plan[unit["clip_start"] : unit["clip_stop"]]
+            plan = uniform_clips(duration, clip_spec, unit.get("clip_start", 0), unit.get("clip_stop"))
             if not plan:
                 raise VideoError("empty", f"{video_uri}: the video stream has no duration (no frames)")
             for clip, frames in reader.clips(plan):
@@ -338,6 +339,8 @@ class LabelResult:
     failed: int
     clips: int
     tables: dict  # rows of each task table (e.g. {"clips": 120, "segments": 9}), all shards of the run
+    left_out: dict  # files under the input folders that are not videos by their extension: extension -> count
+    left_out_examples: list  # a few of them
     shards_done: int  # shards written by this invocation
     shards_skipped: int  # shards already committed by an earlier invocation
     seconds: float  # wall time of this invocation
@@ -347,37 +350,54 @@ class LabelResult:
         return asdict(self)
 
 
-def _run_config(out: str, run_id: str | None, model: checkpoint.ExportedModel, spec: ClipSpec, config: LabelConfig, videos: list[str]) -> dict:
-    """The run's identity: reuse the one in ``OUT`` (resume) or start a new one."""
+def _run_config(out: str, run_id: str | None, model: checkpoint.ExportedModel, spec: ClipSpec, config: LabelConfig, videos: list[str],
+                splits: list[str] | None, allow_prefixes: list[str] | None, extensions: list[str] | None) -> dict:
+    """The run's identity: reuse the one in ``OUT`` (resume) or start a new one.
+
+    A rerun into ``OUT`` must be the same run: the same model, clip plan, shard size, inputs,
+    splits, listing rules and segment smoothing. Anything else would mix two runs' rows under one listing, so it
+    is refused, naming what differs.
+    """
     path = storage.join(out, "_run", "config.json")
-    wanted = {"model_id": model.model_id, "task": model.task, "clip_spec": spec.to_dict(), "videos_per_shard": config.videos_per_shard}
+    wanted = {"model_id": model.model_id, "task": model.task, "clip_spec": spec.to_dict(), "videos_per_shard": config.videos_per_shard,
+              "videos": [storage.normalize(v) for v in videos], "splits": sorted(splits) if splits else None,
+              "min_segment_seconds": config.min_segment_seconds, "allow_prefixes": sorted(allow_prefixes) if allow_prefixes else None,
+              "extensions": sorted(extensions) if extensions else None}
     if storage.exists(path):
-        existing = {"task": checkpoint.DEFAULT_TASK, **storage.read_json(path)}  # runs from before tasks classified
-        same = {k: existing.get(k) for k in wanted} == wanted
-        if not same:
-            raise LabelError(
-                f"{out} already holds a run with other settings (model {existing.get('model_id')}, "
-                f"clip plan {existing.get('clip_spec')}); use another --out"
-            )
+        # Keys a run written by an earlier version lacks take the value that version used.
+        existing = {"task": checkpoint.DEFAULT_TASK, "splits": None, "min_segment_seconds": 0.0, "allow_prefixes": None, "extensions": None,
+                    **storage.read_json(path)}
+        differ = [k for k in wanted if existing.get(k) != wanted[k]]
+        if differ:
+            what = "; ".join(f"{k} {existing.get(k)!r} there, {wanted[k]!r} now" for k in differ)
+            raise LabelError(f"{out} already holds a run with other settings ({what}); rerun it as it was, or use another --out")
         if run_id and run_id != existing["run_id"]:
             raise LabelError(f"{out} holds run {existing['run_id']!r}, not {run_id!r}; use another --out")
         return existing
-    run = {**wanted, "run_id": run_id or time.strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6], "model_uri": model.uri, "videos": videos}
+    run = {**wanted, "run_id": run_id or time.strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6], "model_uri": model.uri}
     storage.write_json(path, run)
     return run
 
 
-def _input_rows(out: str, videos: list[str], splits: list[str] | None) -> list[VideoRow]:
-    """The run's input listing: made once, then read back on every resume."""
+def _input_rows(out: str, videos: list[str], splits: list[str] | None, allow_prefixes: list[str] | None, extensions: list[str] | None,
+                listing: list[VideoRow] | None) -> tuple[list[VideoRow], dict]:
+    """The run's input listing and what the listing left out: made once, then read back on every resume."""
     import pyarrow as pa
 
     path = storage.join(out, "_run", "manifest.parquet")
+    left_out_path = storage.join(out, "_run", "left_out.json")
     if storage.exists(path):
-        table = storage.read_table(path)
-        return [VideoRow(**r) for r in table.to_pylist()]
-    rows = resolve_all(videos, splits)
+        rows = [VideoRow(**r) for r in storage.read_table(path).to_pylist()]
+        left_out = storage.read_json(left_out_path) if storage.exists(left_out_path) else {"by_extension": {}, "examples": []}
+        return rows, left_out
+    if listing is None:
+        listed = list_inputs(videos, splits, allow_prefixes=allow_prefixes, extensions=extensions)
+        rows, left_out = listed.rows, {"by_extension": listed.skipped, "examples": listed.skipped_examples}
+    else:
+        rows, left_out = list(listing), {"by_extension": {}, "examples": []}
+    storage.write_json(left_out_path, left_out)
     storage.write_table(pa.Table.from_pylist([asdict(r) for r in rows]), path)
-    return rows
+    return rows, left_out
 
 
 def label(
@@ -390,6 +410,9 @@ def label(
     ray_address: str | None = None,
     owner: str | None = None,
     lock_stale_seconds: float = 600.0,
+    allow_prefixes: list[str] | None = None,
+    extensions: list[str] | None = None,
+    listing: list[VideoRow] | None = None,
 ) -> LabelResult:
     """Label every video named by ``videos`` and write the tables under ``out``.
 
@@ -401,6 +424,12 @@ def label(
         splits: with a manifest, keep only rows whose ``split`` is one of these.
         run_id: name of the run (default: a new one, or the one already in ``out``).
         owner: who writes, as the output's lock names it to a second writer (default: this process).
+        allow_prefixes: locations a manifest may name besides its own bucket (an ``s3://``
+            manifest names only its own bucket by default; others become ``refused`` rows).
+        extensions: file extensions that are videos in a folder listing (default: what the
+            installed FFmpeg demuxes as video); what a listing leaves out is counted in the result.
+        listing: the input already listed, used as is (the ``label-videos`` flow's delta, which
+            it listed under the same rules); ``videos`` then only names the run.
         lock_stale_seconds: a lock on ``out`` not refreshed for this long is taken over (a holder
             of this machine whose process is gone: at once).
 
@@ -419,12 +448,14 @@ def label(
         raise LabelError(str(err)) from err
     spec = ClipSpec(model_config.clip_seconds, model_config.frames_per_clip, config.stride_seconds or model_config.stride_seconds)
     with StoreLock(out, owner or f"rnnimg label (pid {os.getpid()})", stale_after_s=lock_stale_seconds) as lock:
-        return _label_locked(videos, model, task, model_config, spec, out, config, splits, run_id, ray_address, lock, started)
+        return _label_locked(videos, model, task, model_config, spec, out, config, splits, run_id, ray_address, lock, started,
+                             allow_prefixes, extensions, listing)
 
 
 def _label_locked(videos: list[str], model: checkpoint.ExportedModel, task: tasks.Task, model_config, spec: ClipSpec, out: str,
                   config: LabelConfig, splits: list[str] | None, run_id: str | None, ray_address: str | None, lock: StoreLock,
-                  started: float) -> LabelResult:
+                  started: float, allow_prefixes: list[str] | None, extensions: list[str] | None,
+                  listing: list[VideoRow] | None) -> LabelResult:
     """The body of ``label`` while this run holds the output's lock."""
     import ray
     from ray.data import ActorPoolStrategy
@@ -432,8 +463,11 @@ def _label_locked(videos: list[str], model: checkpoint.ExportedModel, task: task
     from rnnimg.runtime import ensure_ray
 
     model_uri = model.uri
-    run = _run_config(out, run_id, model, spec, config, videos)
-    rows = _input_rows(out, videos, splits)
+    run = _run_config(out, run_id, model, spec, config, videos, splits, allow_prefixes, extensions)
+    rows, left_out = _input_rows(out, videos, splits, allow_prefixes, extensions, listing)
+    if left_out["by_extension"]:
+        log.warning("the listing left out %d files that are not videos by their extension: %s (e.g. %s)", sum(left_out["by_extension"].values()),
+                    left_out["by_extension"], ", ".join(left_out["examples"][:3]))
     all_shards = shards(rows, config.videos_per_shard)
     committed = _committed_shards(out) & set(range(len(all_shards)))
     pending = [i for i in range(len(all_shards)) if i not in committed]
@@ -445,7 +479,7 @@ def _label_locked(videos: list[str], model: checkpoint.ExportedModel, task: task
         for table in (*task.tables(), "videos", "_commits"):
             storage.remove_temporaries(storage.join(out, table))
         ensure_ray(ray_address)
-        items = [{"shard": i, "video_uri": row.video_uri} for i in pending for row in all_shards[i]]
+        items = [{"shard": i, "video_uri": row.video_uri, "refused": row.refused} for i in pending for row in all_shards[i]]
         resources = ray.cluster_resources()
         gpus = config.gpus_per_actor
         if gpus == 0 and resources.get("GPU", 0) >= 1:
@@ -490,10 +524,11 @@ def _label_locked(videos: list[str], model: checkpoint.ExportedModel, task: task
             num_cpus=actor_cpus,
             num_gpus=gpus,
         )
-        _collect_and_commit(ds, out, run, task, all_shards, pending, config.min_segment_seconds, lock)
+        commit_stream(ds.iter_batches(batch_size=None, batch_format="numpy"), out, run, task, all_shards, pending,
+                      config.min_segment_seconds, lock)
 
     timings["pipeline"] = time.perf_counter() - started - timings["plan"]
-    result = _summarize(out, run, task, rows, len(pending), len(committed), started, timings)
+    result = _summarize(out, run, task, rows, left_out, len(pending), len(committed), started, timings)
     storage.write_json(
         storage.join(out, "run.json"),
         {**result.summary(), "model_uri": model_uri, "clip_spec": spec.to_dict(), "label_config": asdict(config), "finished_at": time.time()},
@@ -514,55 +549,87 @@ def _commit_uri(out: str, shard: int) -> str:
     return storage.join(out, "_commits", f"shard-{shard:05d}.json")
 
 
-def _collect_and_commit(ds, out: str, run: dict, task: tasks.Task, all_shards: list[list[VideoRow]], pending: list[int],
-                        min_segment_seconds: float, lock: StoreLock) -> None:
-    """Stream the predictions; write each shard's tables as soon as all its videos are in.
+def commit_stream(batches, out: str, run: dict, task: tasks.Task, all_shards: list[list[VideoRow]], pending: list[int],
+                  min_segment_seconds: float, lock: StoreLock) -> None:
+    """Collect predicted rows, in any order; commit each shard as soon as all of its rows are in.
 
-    Before each commit the run checks that it still holds the output's lock (``LockLost`` stops it).
+    Ray Data hands batches over in completion order, and with several model replicas a video's
+    status row can overtake its clip batches. So a range of a video is complete only when its
+    status row is in (it says how many clips the range decoded) *and* that many distinct clip
+    rows of the range are in; a video is complete when all its ranges are; a shard when all its
+    videos are. Correctness does not rest on block order.
 
     Rows are keyed (clip: video + clip index; status: video + range), so a row that arrives
-    twice, e.g. from a retried task, is stored once.
+    twice, e.g. from a task Ray retried, is stored once; one arriving after its shard committed
+    can only be such a duplicate, and is dropped. Before each commit the run checks that it
+    still holds the output's lock (``LockLost`` stops it before it writes).
+
+    Args:
+        batches: dicts of numpy columns (``Predictor`` output), in any order.
+
+    Raises:
+        RuntimeError: the stream ended with a shard still incomplete.
+        LockLost: another run took the output over.
     """
-    remaining = {i: {row.video_uri for row in all_shards[i]} for i in pending}
-    clips: dict[int, dict[tuple, dict]] = {i: {} for i in pending}
+    waiting = {i: {row.video_uri for row in all_shards[i]} for i in pending}  # videos not complete yet, per shard
+    clips: dict[int, dict[tuple[str, int], dict]] = {i: {} for i in pending}
+    clip_ranges: dict[tuple[str, int], set[int]] = {}  # (video, range) -> clip indices received
     ranges: dict[int, dict[str, dict[int, dict]]] = {i: {} for i in pending}
     meta = {"run_id": run["run_id"], "model_id": run["model_id"]}
     predicted = list(task.clip_columns())
-    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+
+    def complete(shard: int, uri: str) -> bool:
+        parts = ranges[shard].get(uri, {})
+        if not parts or len(parts) < next(iter(parts.values()))["ranges_total"]:
+            return False
+        return all(len(clip_ranges.get((uri, r), ())) >= part["clips"] for r, part in parts.items())
+
+    for batch in batches:
         for j in range(len(batch["video_uri"])):
             shard, uri = int(batch["shard"][j]), str(batch["video_uri"][j])
-            if shard not in remaining:
-                continue  # a late duplicate of an already committed shard
-            if not batch["is_status"][j]:
+            if shard not in waiting:
+                continue  # a late duplicate of a row of an already committed shard
+            range_index = int(batch["range_index"][j])
+            if batch["is_status"][j]:
+                duration = float(batch["duration_s"][j])
+                ranges[shard].setdefault(uri, {})[range_index] = {
+                    "status": str(batch["status"][j]),
+                    "clips": int(batch["clips"][j]),
+                    "error_type": str(batch["error_type"][j]) or None,
+                    "error": str(batch["error"][j]) or None,
+                    "duration_s": None if np.isnan(duration) else duration,
+                    "ranges_total": int(batch["ranges_total"][j]),
+                }
+            else:
                 key = (uri, int(batch["clip_index"][j]))
                 clips[shard][key] = {
                     "video_uri": uri,
                     "clip_index": key[1],
                     "start_s": float(batch["start_s"][j]),
                     "end_s": float(batch["end_s"][j]),
-                    **{name: batch[name][j].item() if hasattr(batch[name][j], "item") else batch[name][j] for name in predicted},
+                    **{name: _scalar(batch[name][j]) for name in predicted},
                     **meta,
                 }
-                continue
-            video_ranges = ranges[shard].setdefault(uri, {})
-            duration = float(batch["duration_s"][j])
-            video_ranges[int(batch["range_index"][j])] = {
-                "status": str(batch["status"][j]),
-                "clips": int(batch["clips"][j]),
-                "error_type": str(batch["error_type"][j]) or None,
-                "error": str(batch["error"][j]) or None,
-                "duration_s": None if np.isnan(duration) else duration,
-                "ranges_total": int(batch["ranges_total"][j]),
-            }
-            if len(video_ranges) == video_ranges[int(batch["range_index"][j])]["ranges_total"]:
-                remaining[shard].discard(uri)
-            if not remaining[shard]:
-                videos = [_video_row(uri, parts, meta) for uri, parts in ranges.pop(shard).items()]
+                clip_ranges.setdefault((uri, range_index), set()).add(key[1])
+            if uri in waiting[shard] and complete(shard, uri):
+                waiting[shard].discard(uri)
+            if not waiting[shard]:
+                shard_ranges = ranges.pop(shard)
+                attempts = {row.video_uri: row.attempt for row in all_shards[shard]}
+                videos = [_video_row(video, parts, {**meta, "attempt": attempts[video]}) for video, parts in shard_ranges.items()]
                 lock.check()
                 _commit_shard(out, shard, run, task, list(clips.pop(shard).values()), videos, min_segment_seconds)
-                remaining.pop(shard)
-    if remaining:
-        raise RuntimeError(f"the pipeline ended with shards {sorted(remaining)} incomplete")
+                waiting.pop(shard)
+                for video, parts in shard_ranges.items():  # the driver holds only shards in flight
+                    for r in parts:
+                        clip_ranges.pop((video, r), None)
+    if waiting:
+        raise RuntimeError(f"the pipeline ended with shards {sorted(waiting)} incomplete")
+
+
+def _scalar(value):
+    """A numpy scalar as the Python value a table row holds (strings pass as they are)."""
+    return value.item() if isinstance(value, np.generic) else value
 
 
 def _video_row(uri: str, parts: dict[int, dict], meta: dict) -> dict:
@@ -602,7 +669,8 @@ def _commit_shard(out: str, shard: int, run: dict, task: tasks.Task, clips: list
     )
 
 
-def _summarize(out: str, run: dict, task: tasks.Task, rows: list[VideoRow], done: int, skipped: int, started: float, timings: dict) -> LabelResult:
+def _summarize(out: str, run: dict, task: tasks.Task, rows: list[VideoRow], left_out: dict, done: int, skipped: int, started: float,
+               timings: dict) -> LabelResult:
     """Counts over the committed tables (every shard of the run is committed by now)."""
     videos = storage.read_table(storage.join(out, "videos"), columns=["status", "clips"]).to_pydict()
     counts = {table: storage.read_table(storage.join(out, table), columns=["video_uri"]).num_rows for table in task.tables()}
@@ -617,6 +685,8 @@ def _summarize(out: str, run: dict, task: tasks.Task, rows: list[VideoRow], done
         failed=statuses.count("failed"),
         clips=int(sum(videos["clips"])),
         tables=counts,
+        left_out=left_out["by_extension"],
+        left_out_examples=left_out["examples"],
         shards_done=done,
         shards_skipped=skipped,
         seconds=round(time.perf_counter() - started, 3),

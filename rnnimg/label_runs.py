@@ -11,29 +11,37 @@ and the report (``completed_runs``). Store layout under a base output ``BASE`` (
 
 A run lists the input, compares it with the listings of the earlier completed runs of the same
 model (``BASE/runs/*/_run/manifest.parquet``) and labels only the videos that are new or whose
-size or version changed; a new model has no earlier runs, so it relabels everything. A planned
-run is written down before any labelling, so that the next run of the same model resumes it.
+size or version changed; a new model has no earlier runs, so it relabels everything. A video
+whose last run failed for a reason that may pass (``TRANSIENT_ERRORS``: the store hiccuped, the
+file was briefly missing) is retried by the next runs, up to ``MAX_ATTEMPTS`` labellings in all
+(``attempt`` in the videos table); one that failed for good (``decode``, ``no_video_stream``,
+``limits``, ``refused``, ...) waits until the file changes. A planned run is written down before
+any labelling, so that the next run of the same model resumes it.
 
 Needs neither Prefect, Ray nor torch: the labelling result comes in as its summary dict.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 import uuid
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import pyarrow as pa
 
 from rnnimg import storage
-from rnnimg.manifest import VideoRow, resolve_all
+from rnnimg.manifest import Listing, VideoRow, list_inputs
 from rnnimg.store_lock import StoreLock
 
 log = logging.getLogger("rnnimg.label_runs")
 
 STATE_VERSION = 1
+# error_type values of a failed video that a later run may not see again: retried, up to MAX_ATTEMPTS.
+TRANSIENT_ERRORS = frozenset({"storage", "not_found", "unexpected"})
+MAX_ATTEMPTS = 3  # labellings of one unchanged video, the first included
 
 DELTA_SCHEMA = pa.schema(
     [
@@ -42,6 +50,8 @@ DELTA_SCHEMA = pa.schema(
         ("version", pa.string()),  # mtime (local) or ETag (S3) when listed
         ("label", pa.string()),  # true label from a manifest, if any
         ("split", pa.string()),  # split from a manifest, if any
+        ("refused", pa.string()),  # why the listing refused the URI ("" when admitted)
+        ("attempt", pa.int32()),  # 1 for a first labelling, n for the n-th try of a failed video
     ]
 )
 
@@ -100,53 +110,89 @@ class Delta:
     changed: int  # labelled, but the size or version differs now
     unchanged: int  # labelled with this size and version: skipped
     removed: int  # labelled earlier, no longer listed (their labels are kept)
-    rows: tuple[VideoRow, ...]  # the videos to label: new + changed
+    rows: tuple[VideoRow, ...]  # the videos to label: new + changed + retried
     resumed: bool = False  # finishing a run that had crashed
+    retried: int = 0  # unchanged, but their last run failed for a transient reason: tried again
+    left_out: dict = field(default_factory=dict)  # files under the input folders that are not videos: extension -> count
 
     @property
     def todo(self) -> int:
         return len(self.rows)
 
 
-def list_input(videos: list[str], splits: list[str] | None) -> list[VideoRow]:
+def list_input(videos: list[str], splits: list[str] | None, allow_prefixes: list[str] | None = None,
+               extensions: list[str] | None = None) -> Listing:
     """The input listing, once per location, first occurrence of a URI kept (as ``rnnimg label`` does).
 
     Raises:
         ValueError: nothing listed.
     """
-    return resolve_all(videos, splits)
+    return list_inputs(videos, splits, allow_prefixes=allow_prefixes, extensions=extensions)
 
 
-def labelled_before(base: str, state: dict, model_id: str) -> dict[str, tuple[int, str]]:
-    """video_uri -> (size, version) as last labelled by a completed run of ``model_id``."""
-    known: dict[str, tuple[int, str]] = {}
+@dataclass(frozen=True)
+class Seen:
+    """A video as the latest completed run of a model left it."""
+
+    size: int
+    version: str
+    status: str = "ok"  # its row in that run's videos table ("" when the table has no row for it)
+    error_type: str = ""
+    attempt: int = 1
+
+    def retry(self) -> bool:
+        """Whether an unchanged video is worth another try."""
+        return self.status == "failed" and self.error_type in TRANSIENT_ERRORS and self.attempt < MAX_ATTEMPTS
+
+
+def labelled_before(base: str, state: dict, model_id: str) -> dict[str, Seen]:
+    """video_uri -> how the latest completed run of ``model_id`` that listed it left it."""
+    known: dict[str, Seen] = {}
     for run in state["runs"]:  # oldest first: later runs win
         if run.get("status") != "completed" or run.get("model_id") != model_id:
             continue
-        listing = storage.join(run_out(base, run["run_id"]), "_run", "manifest.parquet")
+        out = run_out(base, run["run_id"])
+        listing = storage.join(out, "_run", "manifest.parquet")
         if not storage.exists(listing):  # an operator removed the run folder: its videos are labelled again
             log.warning("run %s has no listing at %s: its videos count as not labelled", run["run_id"], listing)
             continue
+        outcomes = _outcomes(out)
         table = storage.read_table(listing, columns=["video_uri", "size", "version"]).to_pydict()
         for uri, size, version in zip(table["video_uri"], table["size"], table["version"]):
-            known[uri] = (int(size) if size is not None else -1, str(version or ""))
+            status, error_type, attempt = outcomes.get(uri, ("", "", 1))
+            known[uri] = Seen(int(size) if size is not None else -1, str(version or ""), status, error_type, attempt)
     return known
 
 
-def plan_delta(listing: list[VideoRow], known: dict[str, tuple[int, str]], run_id: str, model_id: str, full: bool = False) -> Delta:
-    """Compare a listing with what was labelled: new and changed videos are labelled, the rest skipped."""
-    new, changed, unchanged = [], [], 0
+def _outcomes(out: str) -> dict[str, tuple[str, str, int]]:
+    """video_uri -> (status, error_type, attempt) of one run's videos table."""
+    videos = storage.join(out, "videos")
+    if not storage.exists(videos):
+        return {}
+    table = storage.read_table(videos)
+    columns = table.to_pydict()
+    attempts = columns.get("attempt") or [1] * table.num_rows  # tables written before attempts were counted
+    return {u: (s, e or "", int(a or 1)) for u, s, e, a in zip(columns["video_uri"], columns["status"], columns["error_type"], attempts)}
+
+
+def plan_delta(listing: list[VideoRow], known: dict[str, Seen], run_id: str, model_id: str, full: bool = False,
+               left_out: dict | None = None) -> Delta:
+    """Compare a listing with what was labelled: new, changed and retryable failed videos are labelled, the rest skipped."""
+    new, changed, retried, unchanged = [], [], [], 0
     for row in listing:
         seen = None if full else known.get(row.video_uri)
         if seen is None:
             new.append(row)
-        elif seen != (row.size, row.version):
+        elif (seen.size, seen.version) != (row.size, row.version):
             changed.append(row)
+        elif seen.retry():
+            retried.append(dataclasses.replace(row, attempt=seen.attempt + 1))
         else:
             unchanged += 1
     listed = {row.video_uri for row in listing}
     removed = sum(1 for uri in known if uri not in listed)
-    return Delta(run_id, model_id, len(listing), len(new), len(changed), unchanged, removed, tuple(new + changed))
+    return Delta(run_id, model_id, len(listing), len(new), len(changed), unchanged, removed, tuple(new + changed + retried),
+                 retried=len(retried), left_out=dict(left_out or {}))
 
 
 def new_run_id(suffix: str | None = None) -> str:
@@ -171,7 +217,8 @@ def write_delta(base: str, delta: Delta) -> str:
 
 
 def plan_run(base: str, videos: list[str], splits: list[str] | None, model_id: str, model_uri: str, full: bool, lock: StoreLock,
-             run_id_suffix: str | None = None, logger: logging.Logger | logging.LoggerAdapter | None = None) -> Delta:
+             run_id_suffix: str | None = None, logger: logging.Logger | logging.LoggerAdapter | None = None,
+             allow_prefixes: list[str] | None = None, extensions: list[str] | None = None) -> Delta:
     """Resume the crashed run of this model, or list the input and compute what is new or changed.
 
     A planned run is written down (``_delta.parquet`` and ``state.json``'s ``pending``) before
@@ -186,6 +233,7 @@ def plan_run(base: str, videos: list[str], splits: list[str] | None, model_id: s
         full: relabel every listed video.
         lock: this run's lock of ``base``, checked before anything is written.
         run_id_suffix: passed to ``new_run_id``.
+        allow_prefixes, extensions: the listing's rules (``rnnimg.manifest.list_inputs``).
 
     Raises:
         ValueError: nothing listed, or state.json of another version.
@@ -198,20 +246,21 @@ def plan_run(base: str, videos: list[str], splits: list[str] | None, model_id: s
         rows = tuple(VideoRow(**row) for row in storage.read_table(pending["delta"]).to_pylist())
         logger.info("resuming run %s of model %s: %d videos", pending["run_id"], model_id, len(rows))
         return Delta(pending["run_id"], model_id, pending["listed"], pending["new"], pending["changed"], pending["unchanged"],
-                     pending["removed"], rows, resumed=True)
+                     pending["removed"], rows, resumed=True, retried=pending.get("retried", 0), left_out=pending.get("left_out", {}))
     if pending:
         logger.warning("run %s of model %s did not finish; model %s replaces it", pending["run_id"], pending["model_id"], model_id)
         state["runs"].append({**pending, "status": "abandoned", "finished_at": time.time()})
         state["pending"] = None
-    listing = list_input(videos, splits)
+    listing = list_input(videos, splits, allow_prefixes, extensions)
     known = labelled_before(base, state, model_id)
-    delta = plan_delta(listing, known, new_run_id(run_id_suffix), model_id, full=full)
+    delta = plan_delta(listing.rows, known, new_run_id(run_id_suffix), model_id, full=full, left_out=listing.skipped)
     if delta.todo:
         lock.check()
         written = write_delta(base, delta)
         state["pending"] = {"run_id": delta.run_id, "model_id": model_id, "model_uri": model_uri, "delta": written,
                             "started_at": time.time(), "listed": delta.listed, "new": delta.new, "changed": delta.changed,
-                            "unchanged": delta.unchanged, "removed": delta.removed}
+                            "unchanged": delta.unchanged, "removed": delta.removed, "retried": delta.retried,
+                            "left_out": delta.left_out}
     if delta.todo or pending:
         write_state(base, state)
     return delta
@@ -240,7 +289,9 @@ def record_run(base: str, delta: Delta, result: Mapping, model_uri: str, lock: S
         return done[0]
     record = {"run_id": delta.run_id, "model_id": delta.model_id, "model_uri": model_uri, "status": "completed",
               "finished_at": time.time(), "out": run_out(base, delta.run_id), "listed": delta.listed, "new": delta.new,
-              "changed": delta.changed, "unchanged": delta.unchanged, "removed": delta.removed, "videos": result["videos"],
+              "changed": delta.changed, "unchanged": delta.unchanged, "removed": delta.removed, "retried": delta.retried,
+              "left_out": delta.left_out,
+              "videos": result["videos"],
               "ok": result["ok"], "partial": result["partial"], "failed": result["failed"], "clips": result["clips"],
               "seconds": result["seconds"], "resumed": delta.resumed}
     pending = state.get("pending") or {}

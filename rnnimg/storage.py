@@ -10,11 +10,16 @@ The rest of the code never imports pyarrow.fs or boto: it calls ``join``, ``open
 
 Writes are atomic: a local file is written under a temporary name in the same folder, then
 renamed into place; an S3 object becomes visible only when its upload completes. A reader
-therefore never sees half a file.
+therefore never sees half a file. Locally the data is fsynced before the rename and the folder
+after it, so files written one after the other survive a power loss in that order.
+
+Time, where it decides something (the age of a lock), is the store's: ``modified_at`` and
+``store_now`` read it from the store (file mtime, S3 ``LastModified``), never from this host.
 """
 
 from __future__ import annotations
 
+import errno
 import io
 import json
 import os
@@ -195,6 +200,40 @@ def stat(location: str) -> FileInfo:
     return FileInfo(uri=location, size=int(info.size or 0), version=str(info.mtime_ns or ""))
 
 
+def modified_at(location: str) -> float:
+    """When the store last wrote a file, in seconds since the epoch, by the store's own clock.
+
+    Locally the file's mtime (set by the kernel, or by the NFS server); on S3 the object's
+    ``LastModified`` (whole seconds). No clock of this host enters it.
+
+    Raises:
+        FileNotFoundError: there is no file at the location.
+    """
+    fs, path = resolve(location)
+    info = retry(lambda: fs.get_file_info(path), f"stat {location}")
+    if info.type != pafs.FileType.File or info.mtime_ns is None:
+        raise FileNotFoundError(f"no file at {location}")
+    return info.mtime_ns / 1e9
+
+
+def store_now(folder: str) -> float:
+    """The store's current time, in seconds since the epoch: what ``modified_at`` would say of a file written now.
+
+    Writes a tiny probe object ``<folder>/clock-<uuid>``, reads back its modification time and
+    deletes it, so that an age computed as ``store_now(folder) - modified_at(file)`` compares two
+    readings of one clock, the store's, whatever the clocks of the machines involved say.
+
+    Raises:
+        StorageError: the probe could not be written or read.
+    """
+    probe = join(folder, f"clock-{uuid.uuid4().hex}")
+    write_bytes(probe, b"")
+    try:
+        return modified_at(probe)
+    finally:
+        delete(probe)
+
+
 def list_files(location: str, suffixes: tuple[str, ...] | None = None) -> list[FileInfo]:
     """Every file under a location (recursively), sorted by URI.
 
@@ -285,8 +324,41 @@ def read_bytes(location: str) -> bytes:
     return retry(_read, f"read {location}")
 
 
+def _fsync_dir(folder: str) -> None:
+    """Make a folder's entries durable: a rename or link inside it survives a power loss once this returns."""
+    fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(fd)
+    except OSError as err:
+        if err.errno != errno.EINVAL:  # EINVAL: this filesystem cannot sync a folder (nothing more to do)
+            raise
+    finally:
+        os.close(fd)
+
+
+def _makedirs_durable(folder: str) -> None:
+    """``os.makedirs(folder, exist_ok=True)``, then sync the parent of every folder it created."""
+    missing = []
+    probe = folder
+    while probe and not os.path.isdir(probe):
+        missing.append(probe)
+        parent = os.path.dirname(probe)
+        if parent == probe:
+            break
+        probe = parent
+    if not missing:
+        return
+    os.makedirs(folder, exist_ok=True)
+    for created in reversed(missing):
+        _fsync_dir(os.path.dirname(created))
+
+
 def write_bytes(location: str, data: bytes) -> None:
-    """Write a whole file atomically (temporary name + rename locally; one upload on S3)."""
+    """Write a whole file atomically (temporary name + rename locally; one upload on S3).
+
+    Locally the data is fsynced before the rename and the folder after it, so that once this
+    returns the file survives a power loss, and a file written after it can never outlive it.
+    """
     fs, path = resolve(location)
 
     def _write() -> None:
@@ -294,7 +366,7 @@ def write_bytes(location: str, data: bytes) -> None:
             with fs.open_output_stream(path) as f:
                 f.write(data)
             return
-        os.makedirs(os.path.dirname(path), exist_ok=True)
+        _makedirs_durable(os.path.dirname(path))
         # The ".partial" suffix keeps globs like "*.parquet" off an unfinished file.
         tmp = os.path.join(os.path.dirname(path), f"{TEMP_PREFIX}{uuid.uuid4().hex}-{os.path.basename(path)}.partial")
         try:
@@ -303,6 +375,7 @@ def write_bytes(location: str, data: bytes) -> None:
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, path)
+            _fsync_dir(os.path.dirname(path))
         finally:
             if os.path.exists(tmp):
                 os.remove(tmp)
@@ -314,7 +387,8 @@ def create_if_absent(location: str, data: bytes) -> bool:
     """Write a whole file only if nothing is there yet; of two writers exactly one gets True.
 
     Locally the content goes to a temporary file (fsynced) that is hard-linked into place:
-    ``link`` fails if the name exists, so the file is complete the moment it appears. On S3 it
+    ``link`` fails if the name exists, so the file is complete the moment it appears; the folder is
+    fsynced after the link, so the file survives a power loss once this returns True. On S3 it
     is a conditional ``PutObject`` (``If-None-Match: *``; AWS S3, MinIO) through boto3.
 
     Returns:
@@ -327,7 +401,7 @@ def create_if_absent(location: str, data: bytes) -> bool:
         return _s3_create_if_absent(location, data)
     _, path = resolve(location)
     folder = os.path.dirname(path)
-    os.makedirs(folder, exist_ok=True)
+    _makedirs_durable(folder)
     tmp = os.path.join(folder, f"{TEMP_PREFIX}{uuid.uuid4().hex}")
     try:
         with open(tmp, "wb") as f:
@@ -338,6 +412,7 @@ def create_if_absent(location: str, data: bytes) -> bool:
             os.link(tmp, path)
         except FileExistsError:
             return False
+        _fsync_dir(folder)
         return True
     finally:
         if os.path.exists(tmp):

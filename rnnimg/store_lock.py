@@ -6,7 +6,10 @@
 
 The lock of ``BASE`` is ``BASE/_lock/lock-NNNNNNNN.json``, created with
 ``rnnimg.storage.create_if_absent`` (an atomic hard link locally, a conditional ``PutObject`` on
-S3). Taken by every labelling run (``rnnimg.label.label``, so ``rnnimg label`` and the flows) on its
+S3). ``NNNNNNNN``, the generation, is the fencing token: ``lock.generation`` while held, and
+``lock.check()`` fails once a newer generation exists. Ages are measured with the store's clock
+(the lock file's modification time against that of a probe written now), never a host's clock.
+Taken by every labelling run (``rnnimg.label.label``, so ``rnnimg label`` and the flows) on its
 output, and by the ``label-videos`` flow on its base; needs neither Prefect nor Ray.
 """
 
@@ -31,6 +34,11 @@ class LockHeld(RuntimeError):
 
 class LockLost(RuntimeError):
     """This run's lock was taken over (it had gone stale); its results are not recorded."""
+
+
+def _unreadable() -> dict:
+    """What an unreadable lock file stands for: a lock held by someone unknown (judged by its age alone)."""
+    return {"owner": "unknown (unreadable lock file)"}
 
 
 def _dead_here(record: dict) -> bool:
@@ -60,8 +68,16 @@ class StoreLock:
     runs that saw the same state race for the same name and only one wins, including when both
     take over a stale lock. The holder refreshes its file every ``heartbeat_s`` in a thread, so
     a long run keeps the lock and a crashed one loses it after ``stale_after_s`` (at once when the
-    crashed holder was a process of this machine: its pid is gone). Staleness uses
-    the writers' clocks: keep ``stale_after_s`` far above the clock skew between machines.
+    crashed holder was a process of this machine: its pid is gone).
+
+    Staleness is measured with the store's clock only: the age of the lock is the store's
+    current time (the modification time of a probe object written now under ``BASE/_lock/``)
+    minus the lock file's modification time, both as the store reports them. Machines with
+    skewed clocks therefore agree on it. The ``*_at`` times inside the file are for people.
+
+    ``generation`` is the fencing token: the run holding generation N writes only while N is
+    the newest generation, which ``check()`` verifies (one listing, one read) before a commit.
+    When the heartbeat finds a newer generation, it sets ``lost`` and stops refreshing.
     """
 
     def __init__(self, base: str, owner: str, stale_after_s: float = 600.0, heartbeat_s: float | None = None):
@@ -99,8 +115,20 @@ class StoreLock:
             return storage.read_json(self._uri(generation))
         except FileNotFoundError:
             return None
-        except ValueError:  # unreadable: treat as held, refreshed now (conservative)
-            return {"owner": "unknown (unreadable lock file)", "heartbeat_at": time.time()}
+        except ValueError:  # unreadable: held by someone unknown, judged by the file's age
+            return _unreadable()
+
+    def age_s(self, generation: int) -> float:
+        """Seconds since the lock file of ``generation`` was last written, by the store's clock.
+
+        The probe is written before the lock file is stat'ed, so a refresh in between makes the
+        age smaller, never larger: a live lock is never judged stale by the order of the reads.
+
+        Raises:
+            FileNotFoundError: that lock file is gone.
+        """
+        now = storage.store_now(self.folder)
+        return now - storage.modified_at(self._uri(generation))
 
     def _record(self, **extra) -> bytes:
         now = time.time()
@@ -116,9 +144,12 @@ class StoreLock:
             return None
         top = generations[-1]
         record = self._read(top)
-        if record is None or record.get("released_at"):
+        if record is None or record.get("released_at") or _dead_here(record):
             return None
-        if time.time() - float(record.get("heartbeat_at", 0)) > self.stale_after_s or _dead_here(record):
+        try:
+            if self.age_s(top) > self.stale_after_s:
+                return None
+        except FileNotFoundError:  # released and removed in between
             return None
         return top, record
 
@@ -133,18 +164,18 @@ class StoreLock:
         if top:
             record = self._read(top)
             if record and not record.get("released_at"):
-                age = time.time() - float(record.get("heartbeat_at", 0))
                 if _dead_here(record):
                     log.warning("taking over the lock of %s: its holder %s (pid %s on this host) is gone", self.base,
                                 record.get("owner"), record.get("pid"))
-                elif age <= self.stale_after_s:
+                elif (age := self._age_or_gone(top)) <= self.stale_after_s:
                     raise LockHeld(
                         f"{self.base} is being written by {record.get('owner')} on {record.get('host')} "
                         f"(lock {self._uri(top)}, refreshed {age:.0f} s ago); runs never overlap on one output: "
                         f"wait for it, or, if that run is gone, delete the lock file or wait {self.stale_after_s:.0f} s"
                     )
                 else:
-                    log.warning("taking over a stale lock of %s (%s, not refreshed for %.0f s)", self.base, record.get("owner"), age)
+                    log.warning("taking over a stale lock of %s (%s, not refreshed for %.0f s by the store's clock)",
+                                self.base, record.get("owner"), age)
         self.generation = top + 1
         self._acquired_at = time.time()
         if not storage.create_if_absent(self._uri(self.generation), self._record()):
@@ -155,6 +186,13 @@ class StoreLock:
         self._thread = threading.Thread(target=self._heartbeat, name="rnnimg-lock-heartbeat", daemon=True)
         self._thread.start()
         return self
+
+    def _age_or_gone(self, generation: int) -> float:
+        """``age_s``, or infinity when the file vanished (create-if-absent then decides who takes it)."""
+        try:
+            return self.age_s(generation)
+        except FileNotFoundError:
+            return float("inf")
 
     def _heartbeat(self) -> None:
         while not self._stop.wait(self.heartbeat_s):
@@ -175,7 +213,15 @@ class StoreLock:
         return bool(record) and record.get("token") == self.token
 
     def check(self) -> None:
-        """Raise LockLost unless this run still holds the lock (called before recording results)."""
+        """Raise LockLost unless this run still holds the lock (called before recording results).
+
+        Cheap enough to call before every commit: one listing of ``BASE/_lock/`` and one read.
+        ``generation``, the fencing token, is still the newest one and the file still carries
+        this run's token, or this run has been fenced off.
+
+        Raises:
+            LockLost: another run took the lock over, or this run never held it.
+        """
         if self.generation is None or self.lost or not self._still_mine():
             self.lost = True
             raise LockLost(f"{self.base}: this run's lock was taken over by another run; its results are not recorded")

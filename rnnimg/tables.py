@@ -55,6 +55,7 @@ VIDEOS = pa.schema(
         pa.field("clips", pa.int32(), nullable=False),  # clips labelled (rows in the clips table)
         pa.field("error_type", pa.string()),  # null when ok; e.g. open, no_video_stream, decode, truncated
         pa.field("error", pa.string()),  # null when ok; a one-line reason naming the video
+        pa.field("attempt", pa.int32(), nullable=False),  # 1; n for the n-th labelling of an unchanged video that failed transiently
         pa.field("model_id", pa.string(), nullable=False),
         pa.field("run_id", pa.string(), nullable=False),
     ]

@@ -159,3 +159,71 @@ def export_untrained_model(out: str, task: str = "classify", **config_overrides)
     config = job.config_from_dict(config_overrides)
     checkpoint.save(out, job.build_model(config).state_dict(), job.name, job.config_to_dict(config), labels=job.labels(config))
     return out
+
+
+def write_many_streams(path: str, count: int, size: int = 16) -> str:
+    """A file with ``count`` MJPEG video streams of one grey ``size`` x ``size`` frame each."""
+    import av
+
+    with av.open(path, mode="w") as container:
+        streams = []
+        for _ in range(count):
+            stream = container.add_stream("mjpeg", rate=1)
+            stream.height = stream.width = size
+            stream.pix_fmt = "yuvj420p"
+            streams.append(stream)
+        grey = np.full((size, size, 3), 128, np.uint8)
+        for stream in streams:
+            frame = av.VideoFrame.from_ndarray(grey, format="rgb24").reformat(format="yuvj420p")
+            for packet in [*stream.encode(frame), *stream.encode()]:
+                container.mux(packet)
+    return path
+
+
+def lie_about_duration(src: str, dst: str, seconds: float) -> str:
+    """Copy a Matroska file written by PyAV to ``dst`` claiming ``seconds`` of video.
+
+    The Segment Info ``Duration`` (EBML id 0x4489, an 8-byte float in milliseconds at the
+    default TimecodeScale) gets ``seconds``, and the video track's ``DURATION`` tag, which the
+    demuxer would prefer for the stream, is renamed ``COMMENTS``: the lie is all it sees.
+    """
+    import struct
+
+    with open(src, "rb") as f:
+        data = bytearray(f.read())
+    header_end = data.find(b"\x1f\x43\xb6\x75")  # the first Cluster: the header is before it
+    at = data.find(b"\x44\x89\x88")  # Duration, 8 bytes long
+    if not 0 < at < header_end:
+        raise ValueError(f"{src}: no 8-byte Segment Info Duration before the first cluster")
+    struct.pack_into(">d", data, at + 3, seconds * 1000.0)
+    tag = data.find(b"DURATION")
+    if tag >= 0:
+        data[tag : tag + 8] = b"COMMENTS"
+    with open(dst, "wb") as f:
+        f.write(bytes(data))
+    return dst
+
+
+def lie_about_frame_size(src: str, dst: str, width: int, height: int) -> str:
+    """Copy an MJPEG-in-AVI file to ``dst`` claiming ``width`` x ``height`` pictures everywhere:
+    in the AVI main header (``avih``), the stream format (``strf``, a BITMAPINFOHEADER) and
+    every JPEG frame header (SOF0). The frames still hold the small picture's bytes."""
+    import struct
+
+    with open(src, "rb") as f:
+        data = bytearray(f.read())
+    avih, strf = data.find(b"avih"), data.find(b"strf")
+    if avih < 0 or strf < 0:
+        raise ValueError(f"{src}: not an AVI file (no avih or strf chunk)")
+    struct.pack_into("<II", data, avih + 8 + 32, width, height)  # dwWidth, dwHeight
+    struct.pack_into("<ii", data, strf + 8 + 4, width, height)  # biWidth, biHeight
+    at, frames = data.find(b"\xff\xc0"), 0
+    while at >= 0:  # SOF0: marker, length (2), precision (1), height (2), width (2)
+        struct.pack_into(">HH", data, at + 5, height, width)
+        frames += 1
+        at = data.find(b"\xff\xc0", at + 9)
+    if not frames:
+        raise ValueError(f"{src}: no baseline JPEG frame header (SOF0)")
+    with open(dst, "wb") as f:
+        f.write(bytes(data))
+    return dst

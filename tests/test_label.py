@@ -99,6 +99,106 @@ def test_rerun_with_another_model_into_the_same_output_is_refused(ray_local, arc
         label(os.path.join(videos, "unlabelled"), other, out)
 
 
+
+def test_rerun_with_other_inputs_splits_or_smoothing_is_refused_naming_what_differs(ray_local, tiny_archive, untrained_model, tmp_path):
+    root, manifest = tiny_archive
+    out = str(tmp_path / "labels")
+    label(manifest, untrained_model, out, splits=["unlabelled"])
+    refused = [
+        (dict(videos=os.path.join(root, "videos", "unlabelled")), "videos"),
+        (dict(videos=manifest, splits=["test"]), "splits"),
+        (dict(videos=manifest, splits=["unlabelled"], config=LabelConfig(min_segment_seconds=4.0)), "min_segment_seconds"),
+    ]
+    for kwargs, what in refused:
+        videos = kwargs.pop("videos")
+        with pytest.raises(LabelError, match=f"already holds a run with other settings \\({what} "):
+            label(videos, untrained_model, out, **kwargs)
+    assert label(manifest, untrained_model, out, splits=["unlabelled"]).shards_done == 0  # the same run: resumed, nothing to do
+
+
+def _predicted_batches(videos: list[str], spec: dict, batch_size: int, range_seconds: float) -> list[dict]:
+    """What the Predictor hands the driver for ``videos`` (fake predictions), one batch per decode batch."""
+    import numpy as np
+
+    from rnnimg.label import decode_pack, plan_videos
+
+    packs = plan_videos({"shard": np.zeros(len(videos), np.int64), "video_uri": np.array(videos, dtype=object),
+                         "refused": np.array([""] * len(videos), dtype=object)}, spec, range_seconds)["pack"]
+    batches = []
+    for pack in packs:
+        for batch in decode_pack({"pack": np.array([pack], dtype=object)}, spec, 16, batch_size):
+            batch.pop("frames")
+            n = len(batch["video_uri"])
+            batch["label"] = np.array(["left"] * n, dtype=object)
+            batch["score"] = np.full(n, 0.75, np.float32)
+            batches.append(batch)
+    return batches
+
+
+def _split_rows(batch: dict, keep) -> dict:
+    return {k: v[keep] for k, v in batch.items()}
+
+
+def test_commit_waits_for_every_clip_row_whatever_the_block_order(tiny_archive, untrained_model, tmp_path):
+    """Status rows first, clip batches after, shuffled, with duplicates: every clip stored once."""
+    import numpy as np
+
+    from rnnimg import tasks
+    from rnnimg.label import commit_stream
+    from rnnimg.manifest import VideoRow
+    from rnnimg.store_lock import StoreLock
+    from rnnimg.video.clips import ClipSpec
+
+    root, _ = tiny_archive
+    videos = sorted(f.uri for f in storage.list_files(os.path.join(root, "videos", "train")))[:4]
+    spec = ClipSpec().to_dict()
+    batches = _predicted_batches(videos, spec, batch_size=1, range_seconds=2.0)  # a range per clip
+    status = [_split_rows(b, b["is_status"]) for b in batches]
+    clip_rows = [_split_rows(b, ~b["is_status"]) for b in batches]
+    rng = np.random.default_rng(0)
+    clip_rows = [clip_rows[i] for i in rng.permutation(len(clip_rows))]
+    stream = status + clip_rows + clip_rows[:3]  # every status row overtakes every clip, then retried duplicates
+    expected = int(sum((~b["is_status"]).sum() for b in batches))
+    assert expected == 2 * len(videos)
+
+    out = str(tmp_path / "out")
+    run = {"run_id": "r", "model_id": "m"}
+    with StoreLock(out, "test") as lock:
+        commit_stream(stream, out, run, tasks.get("classify"), [[VideoRow(v) for v in videos]], [0], 0.0, lock)
+    stored = pads.dataset(os.path.join(out, "clips")).to_table().to_pandas()
+    assert len(stored) == expected and not stored.duplicated(["video_uri", "clip_index"]).any()
+    assert (pads.dataset(os.path.join(out, "videos")).to_table().to_pandas().clips == 2).all()
+
+    # A stream that lost a clip row never commits the shard: the job fails loudly instead of dropping it.
+    with StoreLock(str(tmp_path / "lossy"), "test") as lock:
+        with pytest.raises(RuntimeError, match=r"shards \[0\] incomplete"):
+            commit_stream(status + clip_rows[1:], str(tmp_path / "lossy"), run, tasks.get("classify"), [[VideoRow(v) for v in videos]], [0], 0.0, lock)
+    assert not os.path.exists(os.path.join(tmp_path, "lossy", "_commits"))
+
+
+@pytest.fixture(scope="module")
+def long_videos(tmp_path_factory):
+    """Six 20-second videos: ten clips each, several model batches per video."""
+    from rnnimg.synth import SynthConfig, make_archive
+
+    out = tmp_path_factory.mktemp("long")
+    make_archive(str(out), SynthConfig(videos=3, unlabelled=3, seed=5, seconds=20.0))
+    return str(out / "videos")
+
+
+@pytest.mark.slow
+def test_two_model_replicas_and_small_batches_give_the_rows_of_one(ray_local, long_videos, untrained_model, tmp_path):
+    def rows(out, table, key):
+        frame = pads.dataset(os.path.join(out, table)).to_table().to_pandas().drop(columns=["run_id"])
+        return frame.sort_values(key).reset_index(drop=True)
+
+    one = label(long_videos, untrained_model, str(tmp_path / "one"), LabelConfig(actors=1, batch_size=3, videos_per_shard=2))
+    two = label(long_videos, untrained_model, str(tmp_path / "two"), LabelConfig(actors=2, batch_size=3, videos_per_shard=2, range_seconds=8.0))
+    assert one.clips == two.clips == 6 * 10 and one.ok == two.ok == 6
+    for table, key in (("clips", ["video_uri", "clip_index"]), ("videos", ["video_uri"]), ("segments", ["video_uri", "start_s"])):
+        pd.testing.assert_frame_equal(rows(str(tmp_path / "one"), table, key), rows(str(tmp_path / "two"), table, key))
+
+
 def test_manifest_input_with_split_filter_and_accuracy(ray_local, tiny_archive, untrained_model, tmp_path):
     _, manifest = tiny_archive
     out = str(tmp_path / "labels")
@@ -160,7 +260,7 @@ def test_plan_videos_then_decode_pack_equals_decoding_each_video(tiny_archive):
     uris = sorted(os.path.join(folder, n) for n in os.listdir(folder))[:3] + [os.path.join(folder, "missing.mp4")]
     assert len(uris) == 4
     spec = ClipSpec(2.0, 4, 2.0).to_dict()
-    batch = {"video_uri": np.array(uris, dtype=object), "shard": np.array([0, 0, 1, 1])}
+    batch = {"video_uri": np.array(uris, dtype=object), "shard": np.array([0, 0, 1, 1]), "refused": np.array([""] * 4, dtype=object)}
 
     packs = plan_videos(batch, spec, range_seconds=8.0)["pack"]  # 4-second videos: two per pack
     assert [[u["video_uri"] for u in json.loads(p)] for p in packs] == [uris[:2], uris[2:]]

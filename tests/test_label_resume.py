@@ -50,12 +50,12 @@ def commits(out: str) -> int:
     return len([n for n in os.listdir(folder) if n.endswith(".json")]) if os.path.isdir(folder) else 0
 
 
-def start_cli(archive: str, model: str, out: str, tmp_path) -> subprocess.Popen:
+def start_cli(archive: str, model: str, out: str, tmp_path, *extra: str) -> subprocess.Popen:
     """`rnnimg label` as a separate process with its own local Ray, in its own process group."""
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     log = open(tmp_path / f"run-{time.monotonic_ns()}.log", "w")
     return subprocess.Popen(
-        [sys.executable, "-m", "rnnimg.cli", "label", archive, "--model", model, "--out", out, "--videos-per-shard", SHARD],
+        [sys.executable, "-m", "rnnimg.cli", "label", archive, "--model", model, "--out", out, "--videos-per-shard", SHARD, *extra],
         env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
     )
 
@@ -140,3 +140,38 @@ def test_worker_killed_mid_run_the_run_heals_itself(archive, untrained_model, re
     got = tables(out)
     for name in reference:
         pd.testing.assert_frame_equal(got[name], reference[name])
+
+
+def test_multi_replica_run_killed_then_rerun_gives_exactly_the_reference(archive, untrained_model, reference, tmp_path):
+    """Two model replicas, small batches, ranges of a few clips: blocks come back out of order, and a kill lands mid-flight."""
+    out = str(tmp_path / "labels")
+    many = ("--actors", "2", "--batch-size", "3", "--range-seconds", "4")
+    process = start_cli(archive, untrained_model, out, tmp_path, *many)
+    reached = wait_for(lambda: commits(out) >= 2, timeout=180, process=process)
+    kill_group(process)
+    assert reached and commits(out) < 12, "killed too late (or the run stalled) to test anything"
+    process = start_cli(archive, untrained_model, out, tmp_path, *many)
+    assert process.wait(timeout=300) == 0
+    got = tables(out)
+    for name in reference:
+        pd.testing.assert_frame_equal(got[name], reference[name], check_dtype=True)
+
+
+def test_a_second_label_process_on_one_output_fails_at_once_naming_the_first(archive, untrained_model, reference, tmp_path):
+    out = str(tmp_path / "labels")
+    first = start_cli(archive, untrained_model, out, tmp_path)
+    assert wait_for(lambda: os.path.isdir(os.path.join(out, "_lock")), timeout=60, process=first), "the first run never took the lock"
+    started = time.monotonic()
+    second = subprocess.run([sys.executable, "-m", "rnnimg.cli", "label", archive, "--model", untrained_model, "--out", out,
+                             "--videos-per-shard", SHARD], capture_output=True, text=True, timeout=120,
+                            env={k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"})
+    assert second.returncode == 2, second.stderr
+    lines = [line for line in second.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and f"is being written by rnnimg label (pid {first.pid})" in lines[0], second.stderr
+    assert time.monotonic() - started < 30
+    assert first.wait(timeout=300) == 0
+    got = tables(out)
+    assert got["clips"].model_id.nunique() == 1
+    assert len(pads.dataset(os.path.join(out, "clips")).to_table().column("run_id").unique()) == 1  # one run's rows
+    for name in reference:
+        pd.testing.assert_frame_equal(got[name], reference[name], check_dtype=True)

@@ -6,7 +6,9 @@ import pytest
 
 from rnnimg import storage
 from rnnimg.label_runs import (
+    MAX_ATTEMPTS,
     NoCompletedRun,
+    Seen,
     completed_runs,
     labelled_before,
     plan_delta,
@@ -26,13 +28,30 @@ def _row(name: str, size: int = 100, version: str = "v1") -> VideoRow:
 
 
 def test_plan_delta_labels_new_and_changed_videos_only():
-    known = {"/archive/a.mp4": (100, "v1"), "/archive/b.mp4": (100, "v1"), "/archive/c.mp4": (100, "v1"), "/archive/gone.mp4": (5, "v1")}
+    known = {"/archive/a.mp4": Seen(100, "v1"), "/archive/b.mp4": Seen(100, "v1"), "/archive/c.mp4": Seen(100, "v1"),
+             "/archive/gone.mp4": Seen(5, "v1")}
     listing = [_row("a"), _row("b", size=101), _row("c", version="v2"), _row("new")]
     delta = plan_delta(listing, known, "r2", "m1")
     assert (delta.listed, delta.new, delta.changed, delta.unchanged, delta.removed) == (4, 1, 2, 1, 1)
     assert sorted(r.video_uri for r in delta.rows) == ["/archive/b.mp4", "/archive/c.mp4", "/archive/new.mp4"]
     assert plan_delta(listing, known, "r2", "m1", full=True).todo == 4
     assert plan_delta(listing, {}, "r2", "other-model").new == 4  # a new model relabels everything
+
+
+def test_transient_failures_are_retried_a_bounded_number_of_times_and_permanent_ones_wait_for_a_change():
+    known = {
+        "/archive/flaky.mp4": Seen(100, "v1", "failed", "storage", 1),
+        "/archive/gone-briefly.mp4": Seen(100, "v1", "failed", "not_found", MAX_ATTEMPTS - 1),
+        "/archive/given-up.mp4": Seen(100, "v1", "failed", "storage", MAX_ATTEMPTS),
+        "/archive/broken.mp4": Seen(100, "v1", "failed", "decode", 1),
+        "/archive/broken-fixed.mp4": Seen(100, "v1", "failed", "decode", 1),
+        "/archive/fine.mp4": Seen(100, "v1", "ok", "", 1),
+    }
+    listing = [_row("flaky"), _row("gone-briefly"), _row("given-up"), _row("broken"), _row("broken-fixed", version="v2"), _row("fine")]
+    delta = plan_delta(listing, known, "r2", "m1")
+    assert (delta.new, delta.changed, delta.retried, delta.unchanged) == (0, 1, 2, 3)
+    attempts = {r.video_uri.rsplit("/", 1)[1]: r.attempt for r in delta.rows}
+    assert attempts == {"broken-fixed.mp4": 1, "flaky.mp4": 2, "gone-briefly.mp4": MAX_ATTEMPTS}
 
 
 def _completed_run(base: str, run_id: str, model_id: str, rows: list[VideoRow]) -> dict:
@@ -54,8 +73,11 @@ def test_labelled_before_takes_each_videos_latest_completed_run_of_the_model(tmp
         {**_completed_run(base, "r4", "m1", [_row("d")]), "status": "abandoned"},
     ]
     state = {"version": 1, "runs": runs, "last_success": {}, "pending": None}
-    assert labelled_before(base, state, "m1") == {"/archive/a.mp4": (100, "v1"), "/archive/b.mp4": (200, "v1")}
-    assert labelled_before(base, state, "m2") == {"/archive/c.mp4": (100, "v1")}
+    def sizes(model_id):
+        return {uri: (seen.size, seen.version) for uri, seen in labelled_before(base, state, model_id).items()}
+
+    assert sizes("m1") == {"/archive/a.mp4": (100, "v1"), "/archive/b.mp4": (200, "v1")}
+    assert sizes("m2") == {"/archive/c.mp4": (100, "v1")}
     storage.write_json(storage.join(base, "state.json"), {**state, "version": 99})
     with pytest.raises(ValueError, match="state version 99; this flow reads version 1"):
         read_state(base)
@@ -147,3 +169,25 @@ def test_completed_runs_picks_the_latest_model_and_says_which_models_have_runs(t
     assert completed_runs(base, "m1") == ("m1", [runs[0]])
     with pytest.raises(NoCompletedRun, match=r"no completed run of model 'm3'; models with runs: \['m1', 'm2'\]"):
         completed_runs(base, "m3")
+
+
+def test_labelled_before_reads_each_videos_outcome_and_attempt_from_the_runs_videos_table(tmp_path):
+    from rnnimg import tables
+
+    base = str(tmp_path / "base")
+    runs = [_completed_run(base, "r1", "m1", [_row("a"), _row("b")]), _completed_run(base, "r2", "m1", [_row("b")])]
+    rows = [
+        ("r1", "/archive/a.mp4", "ok", None, 1),
+        ("r1", "/archive/b.mp4", "failed", "storage", 1),
+        ("r2", "/archive/b.mp4", "failed", "storage", 2),
+    ]
+    for run_id in ("r1", "r2"):
+        table = tables.table_from_rows([{"video_uri": u, "status": s, "duration_s": None, "clips": 0, "error_type": e, "error": e,
+                                         "attempt": a, "model_id": "m1", "run_id": r} for r, u, s, e, a in rows if r == run_id], tables.VIDEOS)
+        storage.write_table(table, storage.join(base, "runs", run_id, "videos", "shard-00000.parquet"))
+    state = {"version": 1, "runs": runs, "last_success": {}, "pending": None}
+    known = labelled_before(base, state, "m1")
+    assert known["/archive/a.mp4"] == Seen(100, "v1", "ok", "", 1)
+    assert known["/archive/b.mp4"] == Seen(100, "v1", "failed", "storage", 2)  # the latest run's outcome
+    delta = plan_delta([_row("a"), _row("b")], known, "r3", "m1")
+    assert (delta.retried, delta.unchanged) == (1, 1) and delta.rows[0].attempt == 3

@@ -82,3 +82,41 @@ def test_temporaries_of_killed_writes_are_removable_and_never_look_like_tables(t
     assert [p.name for p in (tmp_path / "t").glob("*.parquet")] == ["shard-00000.parquet"]
     assert storage.remove_temporaries(str(tmp_path / "t")) == 1
     assert sorted(p.name for p in (tmp_path / "t").iterdir()) == ["shard-00000.parquet"]
+
+
+def _record_fsyncs(monkeypatch) -> list[str]:
+    """Paths of every fsynced file descriptor, in order."""
+    synced: list[str] = []
+    real = os.fsync
+
+    def fsync(fd: int) -> None:
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    return synced
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs /proc to name a file descriptor")
+def test_local_writes_fsync_the_folder_after_the_rename(tmp_path, monkeypatch):
+    folder = tmp_path / "out" / "tables"
+    folder.mkdir(parents=True)
+    synced = _record_fsyncs(monkeypatch)
+    storage.write_bytes(str(folder / "shard.parquet"), b"table")
+    assert [os.path.basename(p).startswith(".tmp-") for p in synced] == [True, False]  # the data, then ...
+    assert synced[1] == str(folder)  # ... the folder holding its new name
+    synced.clear()
+    assert storage.create_if_absent(str(folder / "commit.json"), b"{}")
+    assert os.path.basename(synced[0]).startswith(".tmp-") and synced[1:] == [str(folder)]
+    synced.clear()
+    assert not storage.create_if_absent(str(folder / "commit.json"), b"{}")  # lost the race: nothing linked
+    assert [os.path.basename(p).startswith(".tmp-") for p in synced] == [True]
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs /proc to name a file descriptor")
+def test_a_write_into_new_folders_makes_each_new_folder_durable(tmp_path, monkeypatch):
+    synced = _record_fsyncs(monkeypatch)
+    storage.write_bytes(str(tmp_path / "a" / "b" / "x.bin"), b"1")
+    # tmp_path gained "a", "a" gained "b" (synced when created), then the file's rename in "b".
+    assert synced[:2] == [str(tmp_path), str(tmp_path / "a")]
+    assert os.path.basename(synced[2]).startswith(".tmp-") and synced[3:] == [str(tmp_path / "a" / "b")]

@@ -103,3 +103,98 @@ def test_a_killed_holder_on_this_host_frees_the_lock_at_once(tmp_path):
         lock.check()
     finally:
         lock.release()
+
+
+def _skew_host_clock(monkeypatch, seconds: float) -> None:
+    """Every ``time.time()`` of this process (the lock's host clock) runs ``seconds`` ahead."""
+    real = time.time
+    monkeypatch.setattr(time, "time", lambda: real() + seconds)
+
+
+def _age_lock_file(base: str, generation: int, seconds: float) -> None:
+    """Set a local lock file's modification time ``seconds`` back: what the store says of a dead holder's file."""
+    path = os.path.join(base, "_lock", f"lock-{generation:08d}.json")
+    old = os.stat(path).st_mtime - seconds
+    os.utime(path, (old, old))
+
+
+@pytest.mark.parametrize("skew_s", [61.0, 3600.0])
+def test_a_skewed_host_clock_never_takes_a_live_lock(tmp_path, monkeypatch, skew_s):
+    base = str(tmp_path / "base")
+    holder = StoreLock(base, "run on a host with the right time", stale_after_s=60, heartbeat_s=30).acquire()
+    try:
+        _skew_host_clock(monkeypatch, skew_s)  # B's clock is ahead: by its clock, A's heartbeat_at is old
+        with pytest.raises(LockHeld, match="is being written by run on a host with the right time"):
+            StoreLock(base, "run on a skewed host", stale_after_s=60).acquire()
+        assert StoreLock(base, "probe", stale_after_s=60).holder()[0] == 1
+        monkeypatch.undo()
+        holder.check()
+        assert not holder.lost
+    finally:
+        holder.release()
+    assert [n for n in os.listdir(os.path.join(base, "_lock")) if n.startswith("clock-")] == []  # probes are removed
+
+
+def test_a_lock_old_by_the_stores_clock_is_taken_over_and_the_old_holder_is_fenced(tmp_path, monkeypatch):
+    base = str(tmp_path / "base")
+    first = StoreLock(base, "first", stale_after_s=60, heartbeat_s=1.0).acquire()
+    second = None
+    try:
+        assert first.generation == 1
+        _age_lock_file(base, 1, 120)  # its holder stopped refreshing two minutes ago, says the store
+        _skew_host_clock(monkeypatch, -3600.0)  # B's clock is an hour behind: irrelevant, the store's clock decides
+        assert StoreLock(base, "probe", stale_after_s=60).holder() is None
+        second = StoreLock(base, "second", stale_after_s=60, heartbeat_s=1.0).acquire()
+        monkeypatch.undo()
+        assert second.generation == 2  # the fencing token went up
+        with pytest.raises(LockLost, match="taken over by another run"):
+            first.check()
+        deadline = time.monotonic() + 10
+        while not first.lost and time.monotonic() < deadline:  # A's next heartbeat finds generation 2
+            time.sleep(0.1)
+        assert first.lost
+        second.check()
+        first.release()  # must leave generation 2 alone
+        assert StoreLock(base, "probe", stale_after_s=60).holder()[1]["owner"] == "second"
+    finally:
+        first.release()
+        if second is not None:
+            second.release()
+
+
+def test_check_reads_one_listing_and_one_file(tmp_path, monkeypatch):
+    base = str(tmp_path / "base")
+    with StoreLock(base, "committer", stale_after_s=60, heartbeat_s=60) as lock:
+        calls: list[str] = []
+        for name in ("list_files", "read_bytes", "write_bytes", "create_if_absent", "delete", "stat", "modified_at", "exists"):
+            real = getattr(storage, name)
+            monkeypatch.setattr(storage, name, lambda *a, _real=real, _name=name, **k: (calls.append(_name), _real(*a, **k))[1])
+        lock.check()
+        monkeypatch.undo()
+        assert sorted(calls) == ["list_files", "read_bytes"]
+
+
+@pytest.mark.s3
+def test_lock_staleness_on_s3_uses_the_stores_clock(s3_bucket, monkeypatch):
+    base = f"{s3_bucket}/labels"
+    holder = StoreLock(base, "s3 holder", stale_after_s=2.0, heartbeat_s=0.3).acquire()
+    try:
+        time.sleep(3.0)  # longer than stale_after_s: only the heartbeat keeps it
+        _skew_host_clock(monkeypatch, 3600.0)
+        with pytest.raises(LockHeld, match="s3 holder"):
+            StoreLock(base, "skewed newcomer", stale_after_s=2.0).acquire()
+        monkeypatch.undo()
+        holder._stop.set()  # the holder "crashes": no more heartbeats
+        holder._thread.join()
+        time.sleep(4.0)  # LastModified has whole seconds: wait well past stale_after_s
+        newcomer = StoreLock(base, "newcomer", stale_after_s=2.0, heartbeat_s=0.3).acquire()
+        try:
+            assert newcomer.generation == 2
+            with pytest.raises(LockLost):
+                holder.check()
+            newcomer.check()
+        finally:
+            newcomer.release()
+    finally:
+        holder.release()
+    assert [f.uri for f in storage.list_files(f"{base}/_lock") if "/clock-" in f.uri] == []

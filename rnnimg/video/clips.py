@@ -52,22 +52,30 @@ def frame_times(start_s: float, clip_seconds: float, frames_per_clip: int) -> tu
     return tuple(start_s + (i + 0.5) * step for i in range(frames_per_clip))
 
 
-def uniform_clips(duration_s: float, spec: ClipSpec) -> list[Clip]:
-    """Clips every ``stride_seconds`` that fit inside ``[0, duration_s]``.
+def clip_count(duration_s: float, spec: ClipSpec) -> int:
+    """How many clips ``uniform_clips`` plans for a duration, without building them (O(1))."""
+    if not duration_s > 0:
+        return 0
+    if duration_s < spec.clip_seconds:
+        return 1
+    # Tolerance: a 4.0 s video holds two 2.0 s clips even if its duration reads 3.9999.
+    return int(np.floor((duration_s - spec.clip_seconds) / spec.stride_seconds + 1e-6)) + 1
+
+
+def uniform_clips(duration_s: float, spec: ClipSpec, start: int = 0, stop: int | None = None) -> list[Clip]:
+    """Clips every ``stride_seconds`` that fit inside ``[0, duration_s]``; with ``start``/``stop`` only that slice.
 
     A video shorter than one clip still gets one clip, squeezed onto its whole length, so that
-    every decodable video receives a label. A video of zero or unknown length gets none.
+    every decodable video receives a label. A video of zero or unknown length gets none. A slice
+    costs its own length, whatever the video's: a range task of a long video builds only its clips.
     """
-    if not duration_s > 0:
-        return []
-    if duration_s < spec.clip_seconds:
-        return [Clip(0, 0.0, duration_s, frame_times(0.0, duration_s, spec.frames_per_clip))]
-    # Tolerance: a 4.0 s video holds two 2.0 s clips even if its duration reads 3.9999.
-    count = int(np.floor((duration_s - spec.clip_seconds) / spec.stride_seconds + 1e-6)) + 1
+    count = clip_count(duration_s, spec)
+    if count == 1 and duration_s < spec.clip_seconds:
+        return [Clip(0, 0.0, duration_s, frame_times(0.0, duration_s, spec.frames_per_clip))][start:stop]
     clips = []
-    for k in range(count):
-        start = k * spec.stride_seconds
-        clips.append(Clip(k, start, start + spec.clip_seconds, frame_times(start, spec.clip_seconds, spec.frames_per_clip)))
+    for k in range(max(0, start), count if stop is None else min(count, stop)):
+        begin = k * spec.stride_seconds
+        clips.append(Clip(k, begin, begin + spec.clip_seconds, frame_times(begin, spec.clip_seconds, spec.frames_per_clip)))
     return clips
 
 

@@ -25,6 +25,10 @@ How the frames are found:
 - **Convert only the frames kept**, to RGB and resized to the model's input in the same
   swscale call, then turned to display orientation (the container's display matrix, e.g. a
   phone video tagged "rotate 90", in quarter turns; mirroring is ignored).
+- **Bounded by the bytes, not the header.** A header costs nothing to write: a 1 MB file can
+  claim centuries, a 16000x16000 picture or a thousand streams. ``DecodeLimits`` bounds each
+  of these when the reader opens a video, and FFmpeg's probing and decoding refuse pictures
+  above its ``max_pixels`` (a picture that grows mid-stream fails as ``decode``).
 - **One video stream**: the first video stream in container order that is not an attached
   picture (cover art). Other video streams are ignored, so the choice never depends on
   bit rates or on FFmpeg's heuristics.
@@ -38,6 +42,9 @@ Errors are ``VideoError`` with a message that names the video and an ``error_typ
                     without duration, which plans no clip)
 ``open``            not a readable media container (text, random bytes, no header, ...)
 ``no_video_stream`` a media file without a video stream (audio only, cover art only)
+``limits``          the header declares more than ``DecodeLimits`` accepts: too many streams,
+                    too large a picture, too long a duration, or a duration the file's bytes
+                    cannot hold (checked at open, before any frame is decoded)
 ``decode``          the decoder or demuxer failed, or the decoder reported a corrupt frame,
                     before the plan's end (decoding stops there)
 ``truncated``       the file ends before the plan's end: the error above happened on a packet
@@ -93,6 +100,35 @@ class VideoInfo:
     codec: str
 
 
+@dataclass(frozen=True)
+class DecodeLimits:
+    """What a video may declare before ``VideoReader`` refuses it with ``error_type`` ``limits``.
+
+    The defaults accept any real video (up to a week long and 8192x8192); a caller with other
+    archives raises them: ``VideoReader(uri, limits=DecodeLimits(max_duration_s=30 * 86400))``.
+    """
+
+    max_streams: int = 64  # streams in the container, of any type (FFmpeg itself stops at 1000)
+    max_pixels: int = 8192 * 8192  # width * height of the video stream, and of any frame decoded
+    max_duration_s: float = 7 * 86400.0  # the video stream's length, declared or measured
+    # File bytes per second of that length. A static 16x16 picture at 1 frame/s, the cheapest
+    # stream one can make, measured 13.5-25 bytes/s (H.264, MPEG-4, VP9 in mp4/mkv/webm, PyAV 18):
+    # every frame costs ~10 bytes of codec and container overhead. 4 bytes/s is below any video
+    # showing a new frame every 3 s; a 1 MB file claiming centuries holds 0.0001 bytes/s.
+    min_bytes_per_second: float = 4.0
+
+    def __post_init__(self):
+        if self.max_streams < 1 or self.max_pixels < 1:
+            raise ValueError(f"max_streams and max_pixels must be >= 1, got {self.max_streams} and {self.max_pixels}")
+        if not self.max_duration_s > 0 or not self.min_bytes_per_second >= 0:
+            raise ValueError(
+                f"max_duration_s must be > 0 and min_bytes_per_second >= 0, got {self.max_duration_s} and {self.min_bytes_per_second}"
+            )
+
+
+DEFAULT_LIMITS = DecodeLimits()
+
+
 def _import_av():
     import av  # lazy: only decode workers need FFmpeg
 
@@ -106,16 +142,18 @@ class VideoReader:
         video_uri: local path, file:// or s3:// URL.
         size: ``(height, width)`` to resize kept frames to (in display orientation), or None
             for the native size.
+        limits: what the header may declare (default ``DEFAULT_LIMITS``).
 
     Raises:
-        VideoError: the file is missing, unreadable, empty, not a media container, or has no
-            video stream (``error_type`` ``not_found``, ``storage``, ``empty``, ``open``,
-            ``no_video_stream``).
+        VideoError: the file is missing, unreadable, empty, not a media container, has no
+            video stream, or declares more than ``limits`` accepts (``error_type`` ``not_found``,
+            ``storage``, ``empty``, ``open``, ``no_video_stream``, ``limits``).
     """
 
-    def __init__(self, video_uri: str, size: tuple[int, int] | None = None):
+    def __init__(self, video_uri: str, size: tuple[int, int] | None = None, limits: DecodeLimits | None = None):
         self.video_uri = video_uri
         self.size = size
+        self.limits = limits or DEFAULT_LIMITS
         self._reformatter = _import_av().video.reformatter.VideoReformatter()
         self.frames_decoded = 0  # frames the decoder returned so far (for tests and benchmarks)
         self.seeks = 0  # seeks done so far
@@ -134,8 +172,13 @@ class VideoReader:
 
     # ------------------------------------------------------------------ opening
 
-    def _open(self) -> None:
-        """Open the file and the container (again, after a demux-only duration pass)."""
+    def _open(self, bound_probing: bool = True) -> None:
+        """Open the file and the container (again, after a demux-only duration pass).
+
+        With ``bound_probing``, the decoders FFmpeg runs to probe the streams refuse pictures
+        above ``limits.max_pixels``: probing a raw H.264 stream that claims 10000x10000 grew
+        the process by 400 MB without it, 30 MB with it.
+        """
         av = _import_av()
         video_uri = self.video_uri
         try:
@@ -153,8 +196,9 @@ class VideoReader:
         if self._file_size == 0:
             self._file.close()
             raise VideoError("empty", f"{video_uri}: the file is empty (0 bytes)")
+        options = {"max_pixels": str(self.limits.max_pixels)} if bound_probing else {}
         try:
-            self._container = av.open(self._file, mode="r")
+            self._container = av.open(self._file, mode="r", options=options)
         except av.error.FFmpegError as err:
             self._file.close()
             raise VideoError("open", f"{video_uri}: not a readable video container: {_msg(err)}") from err
@@ -167,6 +211,7 @@ class VideoReader:
 
     def _setup(self) -> None:
         av = _import_av()
+        self._check_streams()
         video = [s for s in self._container.streams.video if not (s.disposition & av.stream.Disposition.attached_pic)]
         if not video:
             only_pictures = bool(self._container.streams.video)
@@ -177,6 +222,12 @@ class VideoReader:
             )
         self._stream_index = video[0].index
         self._bind_stream()
+        if self._coded_size() == (0, 0):
+            # Either the header gives no size, or probing refused one above max_pixels and reset
+            # it to 0x0 (FFmpeg does, e.g. for MJPEG in AVI): read the header again, unbounded,
+            # to know which. Unbounded probing costs what it cost before the limits existed.
+            self._reopen(bound_probing=False)
+        self._check_frame_size()
         stream = self._stream
         # Raw elementary streams (.h264, .hevc, .m4v) carry no timestamps at all.
         self._no_timestamps = bool(self._container.format.flags & av.format.Flags.no_timestamps.value)
@@ -185,13 +236,14 @@ class VideoReader:
         duration = self._declared_duration()
         if duration is None:
             duration = self._demux_duration()
+        self._check_duration(duration)
         fps = float(stream.average_rate or 0.0)
         if self._no_timestamps and self._frame_period_s:
             fps = 1.0 / self._frame_period_s
         self.info = VideoInfo(
             duration_s=duration,
-            width=int(stream.codec_context.width or 0),
-            height=int(stream.codec_context.height or 0),
+            width=self._coded_size()[0],
+            height=self._coded_size()[1],
             fps=fps,
             codec=str(stream.codec_context.name),
         )
@@ -199,6 +251,8 @@ class VideoReader:
     def _bind_stream(self) -> None:
         self._stream = self._container.streams[self._stream_index]
         self._stream.thread_type = "SLICE"  # one decoder thread per process; processes give parallelism
+        # The decoder refuses a picture above the limit, also one that grows mid-stream.
+        self._stream.codec_context.options = {"max_pixels": str(self.limits.max_pixels)}
         tb = self._stream.time_base
         self._time_base = float(tb) if tb else 1e-6
         start = self._stream.start_time
@@ -208,12 +262,13 @@ class VideoReader:
         stream = self._stream
         if self._no_timestamps:
             return None  # a raw stream's "duration" would be a guess from its bit rate
-        if stream.duration and stream.time_base:
+        # A length <= 0 declares nothing (FFmpeg turns a Matroska Duration of -1e6 into one).
+        if stream.duration and stream.time_base and stream.duration > 0:
             return float(stream.duration * stream.time_base)
         tagged = _parse_duration_tag(stream.metadata.get("DURATION") or stream.metadata.get("duration"))
         if tagged is not None:
             return tagged  # Matroska keeps a stream's own length in a tag; the container's is the longest stream's
-        if self._container.duration:
+        if self._container.duration and self._container.duration > 0:
             return float(self._container.duration) / 1_000_000.0 - max(self._origin_s, 0.0)
         return None
 
@@ -243,11 +298,57 @@ class VideoReader:
             if counted == frames and frames:
                 self._frame_period_s = total / frames
             end = frames * self._frame_period_s
+        self._reopen()
+        return end
+
+    def _reopen(self, bound_probing: bool = True) -> None:
         self._container.close()
         self._file.close()
-        self._open()
+        self._open(bound_probing)
         self._bind_stream()
-        return end
+
+    def _refuse(self, declared: str, accepted: str) -> VideoError:
+        """A ``limits`` error: what the header declared, what ``self.limits`` accepts."""
+        return VideoError(
+            "limits",
+            f"{self.video_uri}: {declared} exceeds {accepted}; refused before decoding (raise DecodeLimits to accept it)",
+        )
+
+    def _check_streams(self) -> None:
+        count = len(self._container.streams)
+        if count > self.limits.max_streams:
+            raise self._refuse(f"a container of {count} streams", f"the limit of {self.limits.max_streams} streams (max_streams)")
+
+    def _coded_size(self) -> tuple[int, int]:
+        codec = self._stream.codec_context
+        return int(codec.width or 0), int(codec.height or 0)
+
+    def _check_frame_size(self) -> None:
+        """The video stream's coded size, where the header gives one (0x0: unknown until decoded)."""
+        width, height = self._coded_size()
+        if width == 0 and height == 0:
+            return  # the decoder's max_pixels still bounds the first frame
+        if width <= 0 or height <= 0:
+            raise VideoError("limits", f"{self.video_uri}: a frame size of {width}x{height}; width and height must be > 0")
+        if width * height > self.limits.max_pixels:
+            raise self._refuse(
+                f"a frame size of {width}x{height} ({width * height:,} pixels)",
+                f"the limit of {self.limits.max_pixels:,} pixels (max_pixels)",
+            )
+
+    def _check_duration(self, duration_s: float) -> None:
+        """The length against the absolute cap and against the bytes that hold it."""
+        limits = self.limits
+        if not math.isfinite(duration_s) or duration_s > limits.max_duration_s:
+            raise self._refuse(
+                f"a duration of {duration_s:.0f} s ({duration_s / 86400:.1f} days)",
+                f"the limit of {limits.max_duration_s:.0f} s (max_duration_s)",
+            )
+        if duration_s > 0 and self._file_size / duration_s < limits.min_bytes_per_second:
+            raise self._refuse(
+                f"a duration of {duration_s:.0f} s held in {self._file_size:,} bytes ({self._file_size / duration_s:.3g} bytes/s)",
+                f"the limit of {limits.min_bytes_per_second:g} bytes per second (min_bytes_per_second)",
+            )
 
     @property
     def duration_s(self) -> float:
@@ -593,13 +694,13 @@ def _msg(err: BaseException) -> str:
     return text.splitlines()[0][:300]
 
 
-def probe(video_uri: str) -> VideoInfo:
+def probe(video_uri: str, limits: DecodeLimits | None = None) -> VideoInfo:
     """Open a video, read its stream header, close it.
 
     Raises:
         VideoError: as ``VideoReader``.
     """
-    with VideoReader(video_uri) as reader:
+    with VideoReader(video_uri, limits=limits) as reader:
         return reader.info
 
 
