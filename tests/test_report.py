@@ -27,7 +27,7 @@ def _video_row(video: str, clips: int, run_id: str, status: str = "ok") -> dict:
     failed = status == "failed"
     return {"video_uri": video, "status": status, "duration_s": None if failed else 2.0 * clips, "clips": clips,
             "error_type": "open" if failed else None, "error": f"{video}: cannot open" if failed else None,
-            "model_id": "m1", "run_id": run_id}
+            "attempt": 1, "model_id": "m1", "run_id": run_id}
 
 
 def write_run(out: str, videos: dict[str, tuple[list[str], list[float]]], run_id: str, per_shard: int = 3, failed: tuple = ()) -> None:
