@@ -95,6 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=_positive_int, default=12, help="passes over the training videos (default 12)")
     p.add_argument("--workers", type=_positive_int, default=2, help="Ray Train workers, DDP (default 2)")
     p.add_argument("--name", default="crnn", help="run name; the same name resumes (default crnn)")
+    p.add_argument("--wait", action="store_true",
+                   help="if another run of this --out and --name is training, wait for it to finish instead of failing at once")
     p.add_argument("--batch-size", type=_positive_int, default=16, help="clips per step per worker (default 16)")
     p.add_argument("--lr", type=_positive_float, default=3e-3, help="peak AdamW learning rate (default 0.003)")
     p.add_argument("--lr-schedule", choices=("cosine", "step", "constant"), default="cosine",
@@ -147,6 +149,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", action="append", dest="splits", metavar="SPLIT",
                    help="with a manifest: label only rows of this split (repeatable)")
     p.add_argument("--run-id", default=None, help="name of the run (default: new, or the one already in --out)")
+    p.add_argument("--allow-prefix", action="append", dest="allow_prefixes", metavar="PREFIX", default=None,
+                   help="a location a manifest may also name (repeatable); by default an s3:// manifest may name only "
+                   "videos of its own bucket, the others become failed rows with error_type 'refused'")
+    p.add_argument("--extensions", default=None, metavar="EXT[,EXT...]",
+                   help="file extensions that are videos in a folder listing, e.g. .mp4,.mkv (default: every extension "
+                   "the installed FFmpeg demuxes as video); files skipped are counted in the summary")
     p.add_argument("--stride-seconds", type=_positive_float, default=None, help="distance between clip starts (default: the model's)")
     p.add_argument("--videos-per-shard", type=_positive_int, default=32, help="videos committed together, the unit of resume (default 32)")
     p.add_argument("--range-seconds", type=_positive_float, default=600.0,
@@ -196,7 +204,8 @@ def _run(args) -> dict:
             precision=args.precision, max_failures=args.max_failures, keep_checkpoints=args.keep_checkpoints, seed=args.seed,
             shuffle_frames=args.shuffle_frames,
         )
-        result = train(args.manifest, args.out, args.name, train_config, model_config, ray_address=args.ray_address, task=args.task)
+        result = train(args.manifest, args.out, args.name, train_config, model_config, ray_address=args.ray_address, task=args.task,
+                       wait=args.wait)
         print(result.report_markdown, file=sys.stderr)
         scalars = {k: v for k, v in result.evaluation.items() if isinstance(v, (int, float, str))}
         return {"task": result.task, "model": result.model_uri, "run": result.run_uri, "report": result.report_uri,
@@ -208,7 +217,9 @@ def _run(args) -> dict:
         config = LabelConfig(videos_per_shard=args.videos_per_shard, batch_size=args.batch_size, actors=args.actors,
                              stride_seconds=args.stride_seconds, range_seconds=args.range_seconds,
                              min_segment_seconds=args.min_segment_seconds, precision=args.precision)
-        result = label(args.videos, args.model, args.out, config, splits=args.splits, run_id=args.run_id, ray_address=args.ray_address)
+        extensions = [e.strip() for e in args.extensions.split(",") if e.strip()] if args.extensions else None
+        result = label(args.videos, args.model, args.out, config, splits=args.splits, run_id=args.run_id, ray_address=args.ray_address,
+                       allow_prefixes=args.allow_prefixes, extensions=extensions)
         summary = result.summary()
         if args.truth:
             accuracy, clips = clip_accuracy(args.out, args.truth)

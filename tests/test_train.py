@@ -4,10 +4,13 @@ evaluation report, the command line's train options and the GPU check script."""
 
 from __future__ import annotations
 
+import json
+import logging
 import math
 import os
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pyarrow as pa
@@ -288,3 +291,200 @@ def test_gpu_check_runs_its_measurements_on_cpu_in_smoke_mode():
     result = subprocess.run([sys.executable, os.path.join(REPO, "bench", "gpu_check.py"), "--smoke"], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "small CNN + LSTM(128)" in result.stdout and "inference frames/s" in result.stdout
+
+
+# ----------------------------------------------------------------------------- DDP edge cases, resume
+
+
+def test_a_rank_without_any_batch_steps_on_blank_batches():
+    from rnnimg.train.loop import BlankBatch, at_least_one, blank_batch, exactly
+
+    config = CRNNConfig(frame_size=32, frames_per_clip=4)
+    blank = blank_batch(CLASSIFY, config)
+    assert isinstance(blank, BlankBatch) and CLASSIFY.blank_target(config) == 0
+    assert blank.clips.dtype == torch.uint8 and tuple(blank.clips.shape) == (1, 4, 32, 32, 3)  # (1, T, H, W, C)
+    assert blank.targets.tolist() == [0]
+    made = []
+
+    def make():
+        made.append(1)
+        return blank
+
+    # No batch at all: the blank one, every step; a short rank repeats its last real batch; blank is made only when needed.
+    assert list(exactly([], 3, make)) == [blank] * 3 and len(made) == 1
+    assert list(exactly([], 3)) == []
+    assert list(exactly(iter(["a", "b"]), 4, make)) == ["a", "b", "b", "b"] and len(made) == 1
+    assert list(exactly(iter("abcde"), 3, make)) == ["a", "b", "c"]
+    assert list(at_least_one([], make)) == [blank] and list(at_least_one(["a"], make)) == ["a"]
+
+
+def test_blank_batches_give_zero_gradient_and_add_nothing_to_the_stats():
+    from rnnimg.train.loop import at_least_one, blank_batch, evaluate
+
+    config = CRNNConfig(frame_size=32, frames_per_clip=4, dropout=0.0)
+    torch.manual_seed(0)
+    model = CRNN(config)
+    before = {k: v.clone() for k, v in model.state_dict().items()}  # weights and batch-norm running statistics
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    blank = blank_batch(CLASSIFY, config)
+    stats = train_one_epoch(model, optimizer, [blank, blank], "cpu", CLASSIFY, config)
+    assert all(p.grad is not None and not p.grad.any() for p in model.parameters())  # every parameter: a zero gradient
+    for name, value in model.state_dict().items():
+        torch.testing.assert_close(value, before[name], msg=name)
+    assert model.training
+    # The stats have every key (all_reduce sums them key by key on every rank), all zero.
+    assert set(stats) == {"loss_sum", "count", "confusion"}
+    assert int(stats["count"]) == 0 and float(stats["loss_sum"]) == 0 and not stats["confusion"].any()
+    assert CLASSIFY.summarize(stats)["clips"] == 0
+    # Mixed with real batches, the metrics count the real clips only.
+    real = (torch.randint(0, 255, (3, 4, 32, 32, 3), dtype=torch.uint8), torch.tensor([0, 1, 1]))
+    mixed = train_one_epoch(model, optimizer, [real, blank], "cpu", CLASSIFY, config)
+    assert int(mixed["count"]) == 3 and int(mixed["confusion"].sum()) == 3
+    evaluated = evaluate(model, at_least_one([], lambda: blank), "cpu", CLASSIFY, config)
+    assert set(evaluated) == {"loss_sum", "count", "confusion"} and int(evaluated["count"]) == 0
+
+
+def _lr_after(train_config: TrainConfig, steps_per_epoch: int, steps: int) -> tuple[float, float]:
+    """(scheduler lr, optimiser lr) after ``steps`` optimiser steps of an uninterrupted run."""
+    model = torch.nn.Linear(2, 2)
+    optimizer, scheduler = make_optimizer(model, train_config, steps_per_epoch * train_config.epochs)
+    for _ in range(steps):
+        optimizer.step()
+        scheduler.step()
+    return scheduler.get_last_lr()[0], optimizer.param_groups[0]["lr"]
+
+
+@pytest.mark.parametrize("schedule", LR_SCHEDULES)
+def test_resuming_with_another_configuration_continues_the_schedule_at_the_same_epoch(schedule):
+    from rnnimg.train.loop import position_schedule
+
+    old = TrainConfig(epochs=6, workers=2, batch_size=4, lr=1.0, lr_schedule=schedule, warmup_epochs=1)
+    new = TrainConfig(epochs=6, workers=1, batch_size=8, lr=1.0, lr_schedule=schedule, warmup_epochs=1)
+    old_steps, new_steps = 10, 4  # steps per epoch of each configuration
+    for epoch in range(1, 6):
+        # The run trained `epoch` epochs under the old configuration, then resumes under the new one.
+        model = torch.nn.Linear(2, 2)
+        optimizer, scheduler = make_optimizer(model, old, old_steps * old.epochs)
+        for _ in range(epoch * old_steps):
+            optimizer.step()
+            scheduler.step()
+        saved_optimizer = optimizer.state_dict()
+        model = torch.nn.Linear(2, 2)
+        optimizer, scheduler = make_optimizer(model, new, new_steps * new.epochs)
+        optimizer.load_state_dict(saved_optimizer)
+        position_schedule(scheduler, epoch * new_steps)
+        expected = _lr_after(new, new_steps, epoch * new_steps)
+        assert (scheduler.get_last_lr()[0], optimizer.param_groups[0]["lr"]) == pytest.approx(expected), epoch
+        # ... and the next steps follow the uninterrupted run too.
+        optimizer.step()
+        scheduler.step()
+        assert scheduler.get_last_lr()[0] == pytest.approx(_lr_after(new, new_steps, epoch * new_steps + 1)[0])
+
+
+def test_positioning_the_schedule_equals_loading_its_state_for_an_unchanged_configuration():
+    from rnnimg.train.loop import position_schedule
+
+    config = TrainConfig(epochs=5, lr=2.0, lr_schedule="cosine", warmup_epochs=0.5)
+    steps_per_epoch, epoch = 7, 3
+    model = torch.nn.Linear(2, 2)
+    optimizer, scheduler = make_optimizer(model, config, steps_per_epoch * config.epochs)
+    for _ in range(epoch * steps_per_epoch):
+        optimizer.step()
+        scheduler.step()
+    saved_optimizer, saved_scheduler = optimizer.state_dict(), scheduler.state_dict()
+    results = []
+    for how in ("load", "position"):
+        optimizer, scheduler = make_optimizer(torch.nn.Linear(2, 2), config, steps_per_epoch * config.epochs)
+        optimizer.load_state_dict(saved_optimizer)
+        if how == "load":
+            scheduler.load_state_dict(saved_scheduler)
+        else:
+            position_schedule(scheduler, epoch * steps_per_epoch)
+        results.append((scheduler.last_epoch, scheduler.get_last_lr(), optimizer.param_groups[0]["lr"]))
+    assert results[0] == results[1]
+    with pytest.raises(ValueError, match="step must be >= 0, got -1"):
+        position_schedule(scheduler, -1)
+
+
+def _write_checkpoint(folder, epoch: int) -> None:
+    """A checkpoint folder as the Ray wrapper writes it (every file of CHECKPOINT_FILES)."""
+    from rnnimg.train.ray_trainer import HISTORY, STATE, TRAIN_CONFIG
+
+    os.makedirs(folder)
+    torch.save({"model": {"w": torch.full((2,), float(epoch))}, "epoch": epoch, "resumes": 0}, os.path.join(folder, STATE))
+    for name, content in [("config.json", {"task": "classify"}), ("labels.json", ["a", "b"]), (TRAIN_CONFIG, {"workers": 2}),
+                          (HISTORY, [{"epoch": e} for e in range(epoch + 1)])]:
+        with open(os.path.join(folder, name), "w") as f:
+            json.dump(content, f)
+
+
+@pytest.mark.parametrize("where", ["local", pytest.param("s3", marks=pytest.mark.s3)])
+def test_resume_falls_back_to_the_newest_complete_checkpoint_before_an_incomplete_one(where, tmp_path, request, caplog):
+    from ray.train import Checkpoint
+
+    from rnnimg import storage
+    from rnnimg.train.ray_trainer import CHECKPOINT_FILES, checkpoint_epochs, restore
+
+    local_run = tmp_path / "run"
+    for epoch in range(5):
+        _write_checkpoint(str(local_run / f"epoch-{epoch:04d}"), epoch)
+    os.remove(local_run / "epoch-0003" / "state.pt")  # pruned by another run: what Ray hands over
+    os.remove(local_run / "epoch-0002" / "history.json")  # incomplete too
+    (local_run / "epoch-0001" / "notes").mkdir()  # unrelated files do not matter
+    os.makedirs(local_run / "_lock")
+    if where == "s3":
+        run = f"{request.getfixturevalue('s3_bucket')}/runs/ray/demo"
+        storage.upload_dir(str(local_run), run)
+    else:
+        run = str(local_run)
+
+    def handed(epoch: int):
+        fs, path = storage.resolve(storage.join(run, f"epoch-{epoch:04d}"))
+        return Checkpoint(path, filesystem=fs)
+
+    assert [e for e, _ in checkpoint_epochs(run)] == [4, 3, 2, 1, 0]
+    # A complete checkpoint is used as it is.
+    assert restore(handed(4), run).state["epoch"] == 4
+    assert restore(None, run) is None
+    # Incomplete: the newest complete one before it (epoch 4, written later by an orphan, is not "before").
+    with caplog.at_level(logging.WARNING, logger="rnnimg.train"):
+        restored = restore(handed(3), run)
+    assert restored.state["epoch"] == 1 and [h["epoch"] for h in restored.history] == [0, 1]
+    assert restored.folder == storage.join(run, "epoch-0001") and restored.train_config == {"workers": 2}
+    assert "epoch-0003" in caplog.text and "no state.pt" in caplog.text and "resuming from the newest complete checkpoint" in caplog.text
+    # A folder gone altogether, a truncated state.pt: the same.
+    assert restore(handed(7), run).state["epoch"] == 4
+    storage.write_bytes(storage.join(run, "epoch-0004", "state.pt"), storage.read_bytes(storage.join(run, "epoch-0004", "state.pt"))[:100])
+    assert restore(handed(4), run).state["epoch"] == 1
+    # Nothing complete before it: start fresh, with a warning.
+    for name in CHECKPOINT_FILES[:1]:
+        storage.delete(storage.join(run, "epoch-0000", name))
+        storage.delete(storage.join(run, "epoch-0001", name))
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="rnnimg.train"):
+        assert restore(handed(3), run) is None
+    assert "starting fresh" in caplog.text
+
+
+def test_a_run_fails_at_once_or_waits_while_another_holds_the_run_folder(tmp_path, caplog):
+    import threading
+
+    from rnnimg.store_lock import LockHeld, StoreLock
+    from rnnimg.train.ray_trainer import take_lock
+
+    run = str(tmp_path / "ray" / "demo")
+    first = take_lock(StoreLock(run, owner="rnnimg train demo (pid 1)"), wait=False)
+    with pytest.raises(LockHeld, match=r"rnnimg train demo \(pid 1\)"):
+        take_lock(StoreLock(run, owner="rnnimg train demo (pid 2)"), wait=False)
+    second = StoreLock(run, owner="rnnimg train demo (pid 2)")
+    waiter = threading.Thread(target=take_lock, args=(second, True), kwargs={"poll_s": 0.05}, daemon=True)
+    with caplog.at_level(logging.WARNING, logger="rnnimg.train"):
+        waiter.start()
+        time.sleep(0.5)
+        assert waiter.is_alive()  # still waiting
+        first.release()
+        waiter.join(timeout=30)
+    assert not waiter.is_alive()
+    second.check()  # holds it now
+    assert caplog.text.count("waiting for the run folder to be free") == 1  # logged once, not every poll
+    second.release()

@@ -103,6 +103,11 @@ class Task:
         """A target-preserving random change of one uint8 (T, H, W, C) clip (default: none)."""
         return frames, target
 
+    def blank_target(self, config: Any) -> Any:
+        """The target of a blank (all-zero) filler clip, any valid one: a DDP rank whose training
+        videos all failed steps on such clips to stay in step; their loss is multiplied by 0."""
+        raise NotImplementedError(f"task {self.name!r} has no blank_target: a DDP rank without any decodable video cannot keep in step")
+
     def loss(self, outputs, targets, config: Any):
         """The training objective of one batch: a scalar tensor."""
         raise NotImplementedError

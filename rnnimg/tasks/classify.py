@@ -140,6 +140,9 @@ class ClassifyTask(Task):
     def augment(self, frames: np.ndarray, target: int, rng: np.random.Generator) -> tuple[np.ndarray, int]:
         return augment_clip(frames, rng), target
 
+    def blank_target(self, config: "CRNNConfig") -> int:
+        return 0  # class id 0: any class will do, the filler's loss is multiplied by 0
+
     def loss(self, outputs, targets, config: "CRNNConfig"):
         clip_logits, frame_logits = outputs
         return loss_fn(clip_logits, frame_logits, targets, config.frame_loss_weight)

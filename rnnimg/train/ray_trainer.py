@@ -9,15 +9,24 @@ sums are all-reduced and rank 0 checkpoints to ``OUT/ray/<name>/epoch-NNNN`` (``
 worker that dies is replaced and the run continues from the last checkpoint (``max_failures``);
 rerunning with the same ``out`` and ``name`` resumes at the next epoch. The checkpoint selected
 by the task's metric (classification: best ``val_acc``) is exported with ``rnnimg.checkpoint``.
+
+One run at a time per run folder: ``train`` holds ``rnnimg.store_lock.StoreLock`` on
+``OUT/ray/<name>`` from before the first worker starts until the export is written. A resume
+only loads a complete checkpoint (every file of ``CHECKPOINT_FILES``); when the one Ray hands
+over is not, the newest complete ``epoch-NNNN`` folder before it is used.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import io
 import json
 import logging
 import math
 import os
+import pickle
+import re
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
@@ -26,15 +35,21 @@ import torch
 
 from rnnimg import checkpoint, storage, tasks
 from rnnimg.models.precision import autocast_dtype
+from rnnimg.store_lock import LockHeld, StoreLock
 from rnnimg.train.config import TrainConfig
 from rnnimg.train.data import epoch_batches
-from rnnimg.train.loop import all_reduce, evaluate, exactly, make_optimizer, train_one_epoch
+from rnnimg.train.loop import all_reduce, at_least_one, blank_batch, evaluate, exactly, make_optimizer, position_schedule, train_one_epoch
 
 log = logging.getLogger("rnnimg.train")
 
 STATE = "state.pt"
 HISTORY = "history.json"
 TRAIN_CONFIG = "train_config.json"
+CHECKPOINT_FILES = (STATE, checkpoint.CONFIG, checkpoint.LABELS, TRAIN_CONFIG, HISTORY)  # a checkpoint folder is complete with all of them
+EPOCH_FOLDER = re.compile(r"^epoch-(\d+)$")  # checkpoint folders under the run folder (checkpoint_dir_name)
+LOCK_POLL_S = 5.0  # how often a run that waits for the run folder's lock tries again
+# Changing these between a run and its resume changes the steps per epoch (the schedule is re-positioned).
+STEP_FIELDS = ("workers", "batch_size", "clips_per_video")
 
 
 def _save_state(directory: str, model, optimizer, scheduler, epoch: int, resumes: int, history: list, task: tasks.Task, model_config,
@@ -58,15 +73,90 @@ def _save_state(directory: str, model, optimizer, scheduler, epoch: int, resumes
             json.dump(content, f, indent=2)
 
 
-def _restore(ray_checkpoint) -> tuple[dict | None, list]:
-    """The state dict and history of a Ray checkpoint (None, [] when starting fresh)."""
+class IncompleteCheckpoint(RuntimeError):
+    """A checkpoint folder lacks some of ``CHECKPOINT_FILES`` or cannot be read."""
+
+
+@dataclass(frozen=True)
+class Restored:
+    """What a resume reads from one complete checkpoint folder."""
+
+    state: dict  # state.pt: model, optimizer, scheduler, epoch, resumes
+    history: list  # every epoch's metrics up to the checkpoint's
+    train_config: dict  # the TrainConfig of the run that wrote it (train_config.json)
+    folder: str  # where it was read (its name is epoch-NNNN)
+
+
+def load_checkpoint_folder(folder: str) -> Restored:
+    """Read a checkpoint folder (local or ``s3://``) that has every file of ``CHECKPOINT_FILES``.
+
+    Raises:
+        IncompleteCheckpoint: a file is missing, truncated or not what it should be
+            (``state.pt`` loads with ``weights_only=True``: tensors and plain containers only).
+        StorageError: the store could not be read (after retries): not a reason to go back to
+            an older checkpoint, the worker fails and Ray Train retries it.
+    """
+    missing = [name for name in CHECKPOINT_FILES if not storage.exists(storage.join(folder, name))]
+    if missing:
+        raise IncompleteCheckpoint(f"checkpoint {folder} is incomplete: no {', '.join(missing)}")
+    try:
+        state_bytes = storage.read_bytes(storage.join(folder, STATE))
+        history = storage.read_json(storage.join(folder, HISTORY))
+        train_config = storage.read_json(storage.join(folder, TRAIN_CONFIG))
+    except (FileNotFoundError, ValueError) as err:  # deleted meanwhile; not JSON
+        raise IncompleteCheckpoint(f"checkpoint {folder} cannot be read: {err}") from err
+    try:
+        state = torch.load(io.BytesIO(state_bytes), map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, pickle.UnpicklingError) as err:  # truncated, or not plain tensors
+        raise IncompleteCheckpoint(f"checkpoint {folder} has an unreadable {STATE}: {err}") from err
+    return Restored(state=state, history=history, train_config=train_config, folder=folder)
+
+
+def checkpoint_epochs(run_uri: str) -> list[tuple[int, str]]:
+    """``(epoch, folder)`` of every ``epoch-NNNN`` folder directly under a run folder, newest first."""
+    try:
+        files = storage.list_files(run_uri)
+    except FileNotFoundError:
+        return []
+    names = set()
+    for info in files:
+        parent, _ = info.uri.rstrip("/").rsplit("/", 1)
+        grandparent, folder = parent.rsplit("/", 1)
+        if EPOCH_FOLDER.match(folder) and storage.normalize(grandparent) == storage.normalize(run_uri):
+            names.add(folder)
+    return sorted(((int(EPOCH_FOLDER.match(n).group(1)), storage.join(run_uri, n)) for n in names), reverse=True)
+
+
+def restore(ray_checkpoint, run_uri: str) -> Restored | None:
+    """What to resume from: the checkpoint Ray hands over if complete, else the newest complete
+    ``epoch-NNNN`` folder before it under ``run_uri``; None to start fresh.
+
+    Ray hands over the newest checkpoint it registered; files can be missing there when another
+    process deleted them (a best-k prune of a concurrent run on the same folder). Loading it
+    would fail every restart with FileNotFoundError; an earlier complete one costs some epochs.
+    """
     if ray_checkpoint is None:
-        return None, []
-    with ray_checkpoint.as_directory() as directory:
-        state = torch.load(os.path.join(directory, STATE), map_location="cpu", weights_only=True)
-        with open(os.path.join(directory, HISTORY)) as f:
-            history = json.load(f)
-    return state, history
+        return None
+    handed = storage.basename(ray_checkpoint.path)
+    try:
+        with ray_checkpoint.as_directory() as directory:
+            return load_checkpoint_folder(directory)
+    except (IncompleteCheckpoint, FileNotFoundError) as err:  # FileNotFoundError: the folder itself is gone
+        problem = f"the checkpoint Ray hands over ({ray_checkpoint.path}) is not usable: {err}"
+    match = EPOCH_FOLDER.match(handed)
+    before = int(match.group(1)) if match else math.inf
+    for epoch, folder in checkpoint_epochs(run_uri):
+        if epoch >= before or storage.basename(folder) == handed:
+            continue
+        try:
+            restored = load_checkpoint_folder(folder)
+        except IncompleteCheckpoint as err:
+            log.warning("skipping checkpoint %s: %s", folder, err)
+            continue
+        log.warning("%s; resuming from the newest complete checkpoint before it, %s", problem, folder)
+        return restored
+    log.warning("%s, and %s holds no complete checkpoint before it: starting fresh", problem, run_uri)
+    return None
 
 
 def epoch_metrics(train_summary: dict, val_summary: dict) -> tuple[dict, dict]:
@@ -97,7 +187,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
     steps_per_epoch = math.ceil(len(train_rows) * train_config.clips_per_video / train_config.batch_size)
 
     model = task.build_model(model_config)
-    state, history = _restore(ray.train.get_checkpoint())
+    restored = restore(ray.train.get_checkpoint(), loop_config["run_uri"])
+    state, history = (restored.state, list(restored.history)) if restored is not None else (None, [])
     if state is not None:
         model.load_state_dict(state["model"])
     else:
@@ -113,23 +204,33 @@ def train_loop_per_worker(loop_config: dict) -> None:
     start_epoch, resumes = 0, 0
     if state is not None:
         optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
         start_epoch, resumes = int(state["epoch"]) + 1, int(state.get("resumes", 0)) + 1
+        # The saved scheduler counts the steps of the configuration that wrote it: position by this one's.
+        position_schedule(scheduler, start_epoch * steps_per_epoch)
+        if rank == 0:
+            changed = {k: (restored.train_config.get(k), getattr(train_config, k)) for k in STEP_FIELDS
+                       if restored.train_config.get(k) != getattr(train_config, k)}
+            if changed:
+                log.warning("resuming with other %s than the checkpoint's (%s): the learning-rate schedule continues at epoch %d "
+                            "of this configuration (%d steps per epoch)", "/".join(changed),
+                            ", ".join(f"{k} {old} -> {new}" for k, (old, new) in changed.items()), start_epoch, steps_per_epoch)
         if rank == 0 and start_epoch < train_config.epochs:
             log.warning("resuming run at epoch %d from the checkpoint of epoch %d (resume %d)", start_epoch, start_epoch - 1, resumes)
         elif rank == 0:
             log.warning("the run already trained its %d epochs: nothing to train", train_config.epochs)
 
     pin = device.type == "cuda"
+    # A rank whose videos all fail still steps (on blank batches) and reports stats (zeros).
+    blank = functools.partial(blank_batch, task, model_config)
     for epoch in range(start_epoch, train_config.epochs):
         started = time.perf_counter()
         batches = epoch_batches(train_rows, task, model_config, train_config, train=True, epoch=epoch, rank=rank, pin_memory=pin)
         # Every rank must take the same number of steps, or DDP's all-reduce waits forever.
-        train_stats = train_one_epoch(model, optimizer, exactly(batches, steps_per_epoch), device, task, model_config, scheduler,
+        train_stats = train_one_epoch(model, optimizer, exactly(batches, steps_per_epoch, blank), device, task, model_config, scheduler,
                                       amp_dtype=amp_dtype)
         train_seconds = time.perf_counter() - started
         val_batches = epoch_batches(val_rows, task, model_config, train_config, train=False, epoch=epoch, rank=rank, pin_memory=pin)
-        val_stats = evaluate(plain_model, val_batches, device, task, model_config, amp_dtype=amp_dtype)
+        val_stats = evaluate(plain_model, at_least_one(val_batches, blank), device, task, model_config, amp_dtype=amp_dtype)
         train_summary = task.summarize(all_reduce(train_stats, device))
         val_summary = task.summarize(all_reduce(val_stats, device))
         metrics, extra = epoch_metrics(train_summary, val_summary)
@@ -187,8 +288,13 @@ def train(
     model_config=None,
     ray_address: str | None = None,
     task: str = "classify",
+    wait: bool = False,
 ) -> TrainResult:
     """Train on the manifest's ``train`` split, validate on ``val``, export the selected model and its report.
+
+    The run holds the lock of its run folder ``OUT/ray/<name>`` (``rnnimg.store_lock``) from
+    before the first worker starts until the model is exported: two runs of one name never
+    write the same checkpoints.
 
     Args:
         manifest_uri: a manifest table with ``video_uri``, ``split`` and the task's target
@@ -200,15 +306,16 @@ def train(
             (``Task.model_config``; classification: its sorted label names).
         ray_address: a Ray cluster; default ``RAY_ADDRESS``, else a local Ray in this process.
         task: the registered task name (``rnnimg.tasks.names()``).
+        wait: when another run holds the run folder's lock, wait until it is free (checked
+            every ``LOCK_POLL_S``) instead of failing.
 
     Raises:
         ValueError: an unknown task; the manifest cannot train it; GPUs asked for where there are none.
         FileNotFoundError: no manifest, or no initial weights file where the config says.
         BackboneUnavailable: a torchvision backbone without torchvision.
+        LockHeld: another run of this ``out`` and ``name`` is running (without ``wait``).
+        LockLost: the lock was taken over during the run (it had gone stale); nothing is exported.
     """
-    import ray.train
-    from ray.train.torch import TorchTrainer
-
     from rnnimg.runtime import ensure_ray
 
     job = tasks.get(task)
@@ -216,11 +323,60 @@ def train(
         model_config = job.model_config(manifest_uri)
     job.check_training(manifest_uri, model_config)
     name = storage.safe_key(name)
-    ensure_ray(ray_address)
-    local = not (ray_address or os.environ.get("RAY_ADDRESS"))
-    train_config = dataclasses.replace(train_config, use_gpu=_resolve_use_gpu(train_config, local))
-
     runs = storage.join(out, "ray")
+    run_uri = storage.join(runs, name) if storage.is_s3(runs) else storage.normalize(storage.join(runs, name))
+    new_folder = not storage.exists(run_uri)
+    # The lock comes before Ray starts: a second run of this name fails in seconds, not after a ray.init.
+    lock = take_lock(StoreLock(run_uri, owner=f"rnnimg train {name} (pid {os.getpid()})"), wait)
+    try:
+        ensure_ray(ray_address)
+        local = not (ray_address or os.environ.get("RAY_ADDRESS"))
+        train_config = dataclasses.replace(train_config, use_gpu=_resolve_use_gpu(train_config, local))
+        return _fit_and_export(job, manifest_uri, out, name, runs, run_uri, train_config, model_config, lock)
+    finally:
+        lock.release()
+        if new_folder and _holds_only_the_lock(run_uri):  # a run refused before it trained leaves nothing behind
+            storage.delete(run_uri)
+
+
+def _holds_only_the_lock(run_uri: str) -> bool:
+    try:
+        files = storage.list_files(run_uri)
+    except FileNotFoundError:
+        return False
+    lock_folder = storage.join(run_uri, "_lock")
+    return all(f.uri.startswith(lock_folder) for f in files)
+
+
+def take_lock(lock: StoreLock, wait: bool, poll_s: float = LOCK_POLL_S) -> StoreLock:
+    """Acquire ``lock``; with ``wait``, retry every ``poll_s`` seconds until it is free (logged once).
+
+    Raises:
+        LockHeld: the lock is held (without ``wait``).
+    """
+    waiting_since = None
+    while True:
+        try:
+            lock.acquire()
+        except LockHeld as err:
+            if not wait:
+                raise
+            if waiting_since is None:
+                waiting_since = time.monotonic()
+                log.warning("waiting for the run folder to be free: %s", err)
+            time.sleep(poll_s)
+            continue
+        if waiting_since is not None:
+            log.warning("took the lock of %s after waiting %.0f s", lock.base, time.monotonic() - waiting_since)
+        return lock
+
+
+def _fit_and_export(job: tasks.Task, manifest_uri: str, out: str, name: str, runs: str, run_uri: str, train_config: TrainConfig,
+                    model_config, lock: StoreLock) -> TrainResult:
+    """Run the TorchTrainer on the run folder (``lock`` held), then export the selected checkpoint."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
     if storage.is_s3(runs):
         fs, path = storage.resolve(runs)
         storage_kwargs = {"storage_path": path, "storage_filesystem": fs}
@@ -246,11 +402,13 @@ def train(
             "model_config": job.config_to_dict(model_config),
             "train_config": asdict(train_config),
             "manifest_uri": manifest_uri if storage.is_s3(manifest_uri) else storage.normalize(manifest_uri),
+            "run_uri": run_uri,
         },
         scaling_config=ray.train.ScalingConfig(num_workers=train_config.workers, use_gpu=train_config.use_gpu, resources_per_worker=resources),
         run_config=run_config,
     )
     result = trainer.fit()
+    lock.check()  # a run whose lock was taken over leaves the export to the run that took it
     best_checkpoint, best_metrics = _best(result, job)
     model_uri = storage.join(out, "model")
     # The selected checkpoint may be an early one: the full history is in the latest.
@@ -263,7 +421,7 @@ def train(
     with best_checkpoint.as_directory() as directory:
         model_id = export_checkpoint(directory, model_uri, best_metrics, history, evaluation=summary)
     report = job.write_report(model_uri, summary, history, best_metrics, model_config, model_id)
-    return TrainResult(model_uri=model_uri, run_uri=storage.join(runs, name), metrics=best_metrics, history=history,
+    return TrainResult(model_uri=model_uri, run_uri=run_uri, metrics=best_metrics, history=history,
                        report_uri=report.report_uri, evaluation=summary, report_markdown=report.markdown, task=job.name)
 
 
