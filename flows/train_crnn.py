@@ -36,6 +36,7 @@ class TrainParams(BaseModel):
     manifest: Location = Field(description="manifest table (.parquet/.csv) with video_uri, label, split")
     out: Location = Field(description="where checkpoints (OUT/ray/NAME) and the exported model (OUT/model) go")
     name: str = Field("crnn", min_length=1, max_length=100, description="run name; the same name resumes")
+    task: str = Field("classify", description="what the model learns to predict (rnnimg.tasks.names())")
     epochs: int = Field(TrainConfig.epochs, ge=1, le=10_000, description="passes over the training videos")
     workers: int = Field(TrainConfig.workers, ge=1, le=1024, description="Ray Train workers (DDP)")
     batch_size: int = Field(TrainConfig.batch_size, ge=1, le=4096, description="clips per optimiser step per worker")
@@ -44,6 +45,15 @@ class TrainParams(BaseModel):
     use_gpu: bool | None = Field(None, description="true: one GPU per worker; false: CPUs; null: GPUs if the cluster has any")
     seed: int = Field(TrainConfig.seed, description="random seed of initialisation and clip sampling")
     ray_address: str | None = Field(None, description="Ray cluster to use (default: RAY_ADDRESS, else a local Ray)")
+
+    @field_validator("task")
+    @classmethod
+    def _known_task(cls, value: str) -> str:
+        from rnnimg.tasks import names
+
+        if value not in names():
+            raise ValueError(f"task must be one of {list(names())}, got {value!r}")
+        return value
 
     @field_validator("name")
     @classmethod
@@ -63,7 +73,7 @@ HISTORY_COLUMNS = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "l
 @task(name="train-model", retries=1, retry_delay_seconds=5, retry_condition_fn=transient)
 def train_model(params: TrainParams) -> TrainResult:
     """Ray Train on the cluster; a retry resumes from the last checkpoint."""
-    return train(params.manifest, params.out, params.name, params.train_config(), ray_address=params.ray_address)
+    return train(params.manifest, params.out, params.name, params.train_config(), ray_address=params.ray_address, task=params.task)
 
 
 @task(name="read-metrics", retries=3, retry_delay_seconds=2, retry_condition_fn=transient)

@@ -54,6 +54,7 @@ def test_parameters_refuse_bad_values_with_what_was_given():
     cases = [
         (TrainParams, {**good, "epochs": 0}, "epochs\n  Input should be greater than or equal to 1"),
         (TrainParams, {**good, "name": "../x"}, "name must use only letters, digits and ._-"),
+        (TrainParams, {**good, "task": "segmentation"}, "task must be one of ['classify'"),
         (TrainParams, {**good, "out": "ftp://host/x"}, "unsupported location 'ftp://host/x'"),
         (TrainParams, {**good, "epoch": 3}, "epoch\n  Extra inputs are not permitted"),
         (LabelParams, {"videos": [], "model": "/m", "out": "/o"}, "videos\n  List should have at least 1 item"),

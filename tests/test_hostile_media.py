@@ -218,3 +218,27 @@ def test_the_label_job_records_each_lie_as_one_failed_row(media, name):
     status = [(s, e) for b in batches for s, e, is_status in zip(b["status"], b["error_type"], b["is_status"]) if is_status]
     clips = sum(int((~b["is_status"].astype(bool)).sum()) for b in batches)
     assert status == [("failed", "limits")] and clips == 0
+
+
+@pytest.mark.ray
+def test_the_whole_job_ends_with_every_lie_as_a_row_beside_honest_videos(ray_local, media, untrained_model, tmp_path):
+    """The real pipeline (probe, decode tasks, model actor, commits) over the lies and an honest video."""
+    import shutil
+
+    import pyarrow.dataset as pads
+
+    from rnnimg.label import LabelConfig, label
+
+    folder = tmp_path / "archive"
+    folder.mkdir()
+    for name in (*LIES, "honest.mkv"):
+        shutil.copy(media[name], folder / name)
+    started = time.perf_counter()
+    result = label(str(folder), untrained_model, str(tmp_path / "out"), LabelConfig(videos_per_shard=2))
+    seconds = time.perf_counter() - started
+    rows = {os.path.basename(r["video_uri"]): r for r in pads.dataset(str(tmp_path / "out" / "videos")).to_table().to_pylist()}
+    assert (result.videos, result.ok, result.failed) == (len(LIES) + 1, 1, len(LIES))
+    for name, field in LIES.items():
+        assert rows[name]["status"] == "failed" and rows[name]["error_type"] == "limits" and field in rows[name]["error"], rows[name]
+    assert rows["honest.mkv"]["status"] == "ok" and rows["honest.mkv"]["clips"] == result.clips >= 1
+    assert seconds < 120, f"the job took {seconds:.0f} s"
