@@ -5,6 +5,7 @@ Store layout of a labelling run (``OUT`` is a local folder or ``s3://bucket/pref
     OUT/clips/shard-00000.parquet      one row per clip (CLIPS)
     OUT/videos/shard-00000.parquet     one row per input video (VIDEOS)
     OUT/segments/shard-00000.parquet   runs of consecutive clips with one label (SEGMENTS)
+    OUT/masks/shard-00000.parquet      one row per sampled frame of a segmentation model (MASKS)
     OUT/_commits/shard-00000.json      completion record of a shard, written last
     OUT/_run/manifest.parquet          the listing of the input, made once per run
     OUT/_run/config.json               run id, model id, model config, clip plan, parameters
@@ -56,6 +57,20 @@ VIDEOS = pa.schema(
         pa.field("error_type", pa.string()),  # null when ok; e.g. open, no_video_stream, decode, truncated
         pa.field("error", pa.string()),  # null when ok; a one-line reason naming the video
         pa.field("attempt", pa.int32(), nullable=False),  # 1; n for the n-th labelling of an unchanged video that failed transiently
+        pa.field("model_id", pa.string(), nullable=False),
+        pa.field("run_id", pa.string(), nullable=False),
+    ]
+)
+
+MASKS = pa.schema(
+    [
+        pa.field("video_uri", pa.string(), nullable=False),  # the input video
+        pa.field("clip_index", pa.int32(), nullable=False),  # the clip the frame was sampled in
+        pa.field("frame_time_s", pa.float64(), nullable=False),  # the sampled presentation time, seconds
+        pa.field("height", pa.int32(), nullable=False),  # the mask's rows (the model's frame size)
+        pa.field("width", pa.int32(), nullable=False),  # the mask's columns
+        pa.field("rle", pa.string(), nullable=False),  # JSON list of COCO uncompressed-RLE counts (column-major, zeros first; rnnimg.rle)
+        pa.field("area_fraction", pa.float32(), nullable=False),  # share of the frame's pixels in the mask
         pa.field("model_id", pa.string(), nullable=False),
         pa.field("run_id", pa.string(), nullable=False),
     ]

@@ -27,6 +27,7 @@ if TYPE_CHECKING:
 # name -> "module:class", imported on first use.
 _BUILTIN = {
     "classify": "rnnimg.tasks.classify:ClassifyTask",
+    "segment": "rnnimg.tasks.segment:SegmentTask",
 }
 _loaded: dict[str, "Task"] = {}
 
@@ -107,6 +108,13 @@ class Task:
         """The target of a blank (all-zero) filler clip, any valid one: a DDP rank whose training
         videos all failed steps on such clips to stay in step; their loss is multiplied by 0."""
         raise NotImplementedError(f"task {self.name!r} has no blank_target: a DDP rank without any decodable video cannot keep in step")
+
+    def permute_frames(self, frames: "np.ndarray", target: Any, order: "np.ndarray") -> tuple["np.ndarray", Any]:
+        """The frame-order ablation (``shuffle_frames``): frames in ``order``; a per-frame target follows them.
+
+        Default: the target belongs to the whole clip and stays as it is.
+        """
+        return frames[order], target
 
     def loss(self, outputs, targets, config: Any):
         """The training objective of one batch: a scalar tensor."""

@@ -66,7 +66,7 @@ def iter_clips(
                     if augment:
                         frames, clip_target = task.augment(frames, clip_target, rng)
                     if shuffle_frames:
-                        frames = frames[rng.permutation(len(frames))]
+                        frames, clip_target = task.permute_frames(frames, clip_target, rng.permutation(len(frames)))
                     yield frames, clip_target
         except VideoError as err:
             log.warning("skipping training video %s: %s", uri, err)
