@@ -58,6 +58,30 @@ class SynthConfig:
             raise ValueError(f"seconds must be > 0, got {self.seconds}")
 
 
+class DriftingTexture:
+    """The cluttered background of the synthetic tasks: a tiled texture of small blobs drifting in a
+    random direction, so that neither a still background nor a single frame gives anything away."""
+
+    def __init__(self, rng: np.random.Generator, size: int, blob_radius: tuple[float, float] = (1.0, 3.0),
+                 speed: tuple[float, float] = (0.0, 4.0)):
+        self.size, self.tile = size, 2 * size
+        texture = rng.uniform(40, 110, (self.tile, self.tile, 3)).astype(np.float32)
+        for _ in range(int(size * size / 40)):
+            cy, cx = rng.uniform(0, self.tile, 2)
+            r = rng.uniform(*blob_radius)
+            blob = ((np.arange(self.tile)[:, None] - cy) ** 2 + (np.arange(self.tile)[None, :] - cx) ** 2) <= r * r
+            texture[blob] = rng.uniform(0, 255, 3)
+        self.texture = texture
+        self.angle = rng.uniform(0, 2 * np.pi)
+        self.speed = rng.uniform(*speed)  # pixels per second
+
+    def at(self, t: float) -> np.ndarray:
+        """The background at time ``t`` seconds: float32 (size, size, 3), a copy to draw on."""
+        oy = int(round(t * self.speed * np.sin(self.angle))) % self.tile
+        ox = int(round(t * self.speed * np.cos(self.angle))) % self.tile
+        return np.roll(self.texture, (oy, ox), axis=(0, 1))[: self.size, : self.size].copy()
+
+
 def render_video(label: str, rng: np.random.Generator, size: int = 64, fps: int = 12, seconds: float = 4.0) -> np.ndarray:
     """Render one video of the motion task.
 
@@ -74,16 +98,7 @@ def render_video(label: str, rng: np.random.Generator, size: int = 64, fps: int 
     t = np.arange(n) / fps
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
 
-    # Background: a tiled texture of small blobs, drifting in a random direction.
-    tile = 2 * size
-    texture = rng.uniform(40, 110, (tile, tile, 3)).astype(np.float32)
-    for _ in range(int(size * size / 40)):
-        cy, cx = rng.uniform(0, tile, 2)
-        r = rng.uniform(1.0, 3.0)
-        mask = ((np.arange(tile)[:, None] - cy) ** 2 + (np.arange(tile)[None, :] - cx) ** 2) <= r * r
-        texture[mask] = rng.uniform(0, 255, 3)
-    bg_angle = rng.uniform(0, 2 * np.pi)
-    bg_speed = rng.uniform(0.0, 4.0)  # pixels per second
+    background = DriftingTexture(rng, size, blob_radius=(1.0, 3.0), speed=(0.0, 4.0))
 
     # The object: a disc moving along a line at +-45 degrees of horizontal, across most of the frame.
     radius = rng.uniform(4.0, 7.0)
@@ -99,9 +114,7 @@ def render_video(label: str, rng: np.random.Generator, size: int = 64, fps: int 
 
     frames = np.empty((n, size, size, 3), np.uint8)
     for i, ti in enumerate(t):
-        oy = int(round(ti * bg_speed * np.sin(bg_angle))) % tile
-        ox = int(round(ti * bg_speed * np.cos(bg_angle))) % tile
-        frame = np.roll(texture, (oy, ox), axis=(0, 1))[:size, :size].copy()
+        frame = background.at(ti)
         cx, cy = start + direction * speed * ti
         disc = (xx - cx) ** 2 + (yy - cy) ** 2 <= radius * radius
         frame[disc] = color
@@ -129,6 +142,37 @@ def encode_video(frames: np.ndarray, fps: int, codec: str = "libx264", crf: int 
     return buffer.getvalue()
 
 
+def split_counts(videos: int, val_fraction: float, test_fraction: float, unlabelled: int) -> dict[str, int]:
+    """Videos per split of a synthetic archive: at least one each in val and test, the rest train.
+
+    Raises:
+        ValueError: nothing is left for training.
+    """
+    n_val = max(1, int(round(videos * val_fraction)))
+    n_test = max(1, int(round(videos * test_fraction)))
+    n_train = videos - n_val - n_test
+    if n_train < 1:
+        raise ValueError(f"videos={videos} leaves no training videos after the val/test splits")
+    return {"train": n_train, "val": n_val, "test": n_test, "unlabelled": unlabelled}
+
+
+def render_all(write_one, jobs: list, processes: int | None = None) -> None:
+    """Run ``write_one(job)`` for every job, in one process per CPU core (default) when there are enough.
+
+    Each job carries its own seed, so the archive is the same however many processes render it.
+    """
+    workers = max(1, processes or os.cpu_count() or 1)
+    if workers == 1 or len(jobs) < 8:
+        for job in jobs:
+            write_one(job)
+        return
+    # Spawn, not fork: the parent may hold threads (Ray, the S3 client) that fork would break.
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
+        for _ in pool.map(write_one, jobs, chunksize=8):
+            pass
+
+
 def _write_one(job: tuple[str, str, int, SynthConfig]) -> None:
     uri, label, video_seed, config = job
     frames = render_video(label, np.random.default_rng(video_seed), config.size, config.fps, config.seconds)
@@ -149,12 +193,7 @@ def make_archive(out: str, config: SynthConfig = SynthConfig(), processes: int |
         The manifest's location.
     """
     rng = np.random.default_rng(config.seed)
-    n_val = max(1, int(round(config.videos * config.val_fraction)))
-    n_test = max(1, int(round(config.videos * config.test_fraction)))
-    n_train = config.videos - n_val - n_test
-    if n_train < 1:
-        raise ValueError(f"videos={config.videos} leaves no training videos after the val/test splits")
-    counts = {"train": n_train, "val": n_val, "test": n_test, "unlabelled": config.unlabelled}
+    counts = split_counts(config.videos, config.val_fraction, config.test_fraction, config.unlabelled)
     rows: dict[str, list] = {"video_uri": [], "label": [], "split": []}
     jobs = []
     for split, count in counts.items():
@@ -166,16 +205,7 @@ def make_archive(out: str, config: SynthConfig = SynthConfig(), processes: int |
             rows["video_uri"].append(storage.normalize(uri))
             rows["label"].append(None if split == "unlabelled" else label)
             rows["split"].append(split)
-    workers = max(1, processes or os.cpu_count() or 1)
-    if workers == 1 or len(jobs) < 8:
-        for job in jobs:
-            _write_one(job)
-    else:
-        # Spawn, not fork: the parent may hold threads (Ray, the S3 client) that fork would break.
-        context = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
-            for _ in pool.map(_write_one, jobs, chunksize=8):
-                pass
+    render_all(_write_one, jobs, processes)
     manifest = storage.join(out, "manifest.parquet")
     table = pa.table(rows, schema=pa.schema([("video_uri", pa.string()), ("label", pa.string()), ("split", pa.string())]))
     table = table.replace_schema_metadata({"rnnimg.synth": str(asdict(config))})

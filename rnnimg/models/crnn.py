@@ -23,12 +23,12 @@ trained model's own weights hold the whole network, so loading one never needs t
 from __future__ import annotations
 
 import io
-import json
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 
-import numpy as np
 import torch
 from torch import nn
+
+from rnnimg.models.config import JsonConfig
 
 
 RNN_TYPES = ("lstm", "gru")
@@ -46,8 +46,11 @@ class BackboneUnavailable(ImportError, ValueError):
 
 
 @dataclass(frozen=True)
-class CRNNConfig:
+class CRNNConfig(JsonConfig):
     """Architecture and input layout of a CRNN. Saved next to every checkpoint and table."""
+
+    config_name = "CRNN"
+    tuple_fields = ("labels", "cnn_channels")
 
     labels: tuple[str, ...] = ("left", "right")  # class names; index = class id
     frame_size: int = 64  # frames are resized to frame_size x frame_size before the CNN
@@ -99,22 +102,6 @@ class CRNNConfig:
     @property
     def num_classes(self) -> int:
         return len(self.labels)
-
-    def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=2, sort_keys=True)
-
-    @classmethod
-    def from_dict(cls, data: dict) -> "CRNNConfig":
-        """Build from a dict (e.g. config.json), refusing unknown keys."""
-        known = {f.name for f in fields(cls)}
-        unknown = set(data) - known
-        if unknown:
-            raise ValueError(f"unknown CRNN config keys {sorted(unknown)}; accepted: {sorted(known)}")
-        values = dict(data)
-        for key in ("labels", "cnn_channels"):
-            if key in values:
-                values[key] = tuple(values[key])
-        return cls(**values)
 
 
 class SmallCNN(nn.Module):

@@ -15,18 +15,22 @@ needs); ``forward_head`` the logits.
 
 from __future__ import annotations
 
-import json
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 
 import torch
 from torch import nn
+
+from rnnimg.models.config import JsonConfig
 
 RNN_TYPES = ("lstm", "gru")
 
 
 @dataclass(frozen=True)
-class SegmenterConfig:
+class SegmenterConfig(JsonConfig):
     """Architecture and input layout of a recurrent segmenter. Saved next to every checkpoint and table."""
+
+    config_name = "segmenter"
+    tuple_fields = ("channels",)
 
     frame_size: int = 64  # frames (and masks) are resized to frame_size x frame_size
     frames_per_clip: int = 12  # frames sampled per clip
@@ -62,21 +66,6 @@ class SegmenterConfig:
             raise ValueError(f"temporal must be true or false, got {self.temporal!r}")
         if self.dice_weight < 0:
             raise ValueError(f"dice_weight must be >= 0, got {self.dice_weight}")
-
-    def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=2, sort_keys=True)
-
-    @classmethod
-    def from_dict(cls, data: dict) -> "SegmenterConfig":
-        """Build from a dict (e.g. config.json), refusing unknown keys."""
-        known = {f.name for f in fields(cls)}
-        unknown = set(data) - known
-        if unknown:
-            raise ValueError(f"unknown segmenter config keys {sorted(unknown)}; accepted: {sorted(known)}")
-        values = dict(data)
-        if "channels" in values:
-            values["channels"] = tuple(int(c) for c in values["channels"])
-        return cls(**values)
 
 
 def _conv(c_in: int, c_out: int, stride: int = 1) -> nn.Sequential:

@@ -81,7 +81,6 @@ class ClassifyTask(Task):
 
     def model_config(self, manifest_uri: str, **overrides) -> "CRNNConfig":
         from rnnimg.manifest import manifest_overview
-        from rnnimg.models.crnn import CRNNConfig
 
         labels, _ = manifest_overview(manifest_uri)
         if len(labels) < 2 and "labels" not in overrides:

@@ -28,16 +28,13 @@ archive is the same however many processes render it.
 from __future__ import annotations
 
 import io
-import multiprocessing
-import os
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 
 import numpy as np
 import pyarrow as pa
 
 from rnnimg import storage
-from rnnimg.synth import encode_video
+from rnnimg.synth import DriftingTexture, encode_video, render_all, split_counts
 
 
 @dataclass(frozen=True)
@@ -78,16 +75,7 @@ def render_video(rng: np.random.Generator, size: int = 64, fps: int = 12, second
     t = np.arange(n) / fps
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
 
-    # Background: a tiled texture of small blobs, drifting in a random direction.
-    tile = 2 * size
-    texture = rng.uniform(40, 110, (tile, tile, 3)).astype(np.float32)
-    for _ in range(int(size * size / 40)):
-        cy, cx = rng.uniform(0, tile, 2)
-        r = rng.uniform(1.0, 2.5)
-        blob = ((np.arange(tile)[:, None] - cy) ** 2 + (np.arange(tile)[None, :] - cx) ** 2) <= r * r
-        texture[blob] = rng.uniform(0, 255, 3)
-    bg_angle = rng.uniform(0, 2 * np.pi)
-    bg_speed = rng.uniform(2.0, 6.0)  # pixels per second
+    background = DriftingTexture(rng, size, blob_radius=(1.0, 2.5), speed=(2.0, 6.0))
 
     # The objects: one look for all; some bounce around, the others stay.
     count = int(rng.integers(3, 6))
@@ -106,9 +94,7 @@ def render_video(rng: np.random.Generator, size: int = 64, fps: int = 12, second
     masks = np.zeros((n, size, size), np.uint8)
     span = high - low
     for i, ti in enumerate(t):
-        oy = int(round(ti * bg_speed * np.sin(bg_angle))) % tile
-        ox = int(round(ti * bg_speed * np.cos(bg_angle))) % tile
-        frame = np.roll(texture, (oy, ox), axis=(0, 1))[:size, :size].copy()
+        frame = background.at(ti)
         travelled = start - low + velocity * ti
         position = low + span - np.abs(np.mod(travelled, 2 * span) - span)  # bouncing off the edges
         for k in range(count - 1, -1, -1):  # staying objects first, moving ones drawn on top
@@ -150,14 +136,9 @@ def make_archive(out: str, config: SegmentSynthConfig = SegmentSynthConfig(), pr
         The manifest's location.
     """
     rng = np.random.default_rng(config.seed)
-    n_val = max(1, int(round(config.videos * config.val_fraction)))
-    n_test = max(1, int(round(config.videos * config.test_fraction)))
-    n_train = config.videos - n_val - n_test
-    if n_train < 1:
-        raise ValueError(f"videos={config.videos} leaves no training videos after the val/test splits")
     rows: dict[str, list] = {"video_uri": [], "mask_uri": [], "split": []}
     jobs = []
-    for split, count in {"train": n_train, "val": n_val, "test": n_test, "unlabelled": config.unlabelled}.items():
+    for split, count in split_counts(config.videos, config.val_fraction, config.test_fraction, config.unlabelled).items():
         for index in range(count):
             video_uri = storage.join(out, "videos", split, f"{split}-{index:05d}.mp4")
             mask_uri = None if split == "unlabelled" else storage.join(out, "masks", split, f"{split}-{index:05d}.npz")
@@ -165,16 +146,7 @@ def make_archive(out: str, config: SegmentSynthConfig = SegmentSynthConfig(), pr
             rows["video_uri"].append(storage.normalize(video_uri))
             rows["mask_uri"].append(mask_uri and storage.normalize(mask_uri))
             rows["split"].append(split)
-    workers = max(1, processes or os.cpu_count() or 1)
-    if workers == 1 or len(jobs) < 8:
-        for job in jobs:
-            _write_one(job)
-    else:
-        # Spawn, not fork: the parent may hold threads (Ray, the S3 client) that fork would break.
-        context = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
-            for _ in pool.map(_write_one, jobs, chunksize=8):
-                pass
+    render_all(_write_one, jobs, processes)
     manifest = storage.join(out, "manifest.parquet")
     schema = pa.schema([("video_uri", pa.string()), ("mask_uri", pa.string()), ("split", pa.string())])
     table = pa.table(rows, schema=schema).replace_schema_metadata({"rnnimg.synth": str(asdict(config))})
