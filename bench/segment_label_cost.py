@@ -1,0 +1,120 @@
+"""Labelling cost of a segmentation model against the classifier's, per sampled frame, side by side.
+
+    .venv/bin/python bench/segment_label_cost.py                # ~5 min on 2 cores
+    .venv/bin/python bench/segment_label_cost.py --videos 4 --seconds 8 --rounds 1 --no-write   # a smoke run
+
+The same archive (``rnnimg synth --task segment`` videos, 64x64, 12 fps) is labelled by the whole
+job (``rnnimg.label.label`` on a local Ray: probe, decode tasks, the model's actor, commits) with
+two untrained exported models that sample the same frames at the same size: the CRNN classifier
+(writes ``clips`` and ``segments``) and the ConvLSTM segmenter (writes a ``masks`` row per sampled
+frame, run-length encoded). CPU seconds are counted over this process and every Ray process
+(``label_throughput.TreeCPU``), split by role, in interleaved rounds. Target (issue 12): the
+segmentation job costs at most 1.5x the classifier's CPU per sampled frame (masks are not the
+bottleneck). Results go to ``bench/RESULTS_segment.md`` (a section of its own).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from label_throughput import TreeCPU  # noqa: E402
+from machine import cpu_model  # noqa: E402
+
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "RESULTS_segment.md")
+SECTION = "## Labelling cost: segmentation vs classification"
+FRAME_SIZE, FRAMES_PER_CLIP, CLIP_SECONDS = 64, 12, 2.0
+
+
+def run(folder: str, model: str, out: str) -> dict:
+    from rnnimg.label import LabelConfig, label
+
+    with TreeCPU() as cpu:
+        started = time.perf_counter()
+        result = label(folder, model, out, LabelConfig(videos_per_shard=8))
+        wall = time.perf_counter() - started
+    frames = result.clips * FRAMES_PER_CLIP
+    return {"frames": frames, "cpu": cpu.seconds, "wall": wall, "roles": cpu.by_role(), "tables": result.tables, "ok": result.ok}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--videos", type=int, default=16, help="videos in the archive (default 16)")
+    parser.add_argument("--seconds", type=float, default=20.0, help="length of each video (default 20)")
+    parser.add_argument("--rounds", type=int, default=2, help="interleaved rounds of both models (default 2)")
+    parser.add_argument("--no-write", action="store_true", help=f"print only, do not update {os.path.relpath(RESULTS)}")
+    args = parser.parse_args()
+
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+    import ray
+
+    from rnnimg.tasks.segment_synth import SegmentSynthConfig, make_archive
+    from tests.media import export_untrained_model
+
+    work = tempfile.mkdtemp(prefix="rnnimg-bench-segcost-")
+    load_before = os.getloadavg()[0]
+    make_archive(os.path.join(work, "archive"), SegmentSynthConfig(videos=args.videos, unlabelled=0, seed=3, seconds=args.seconds))
+    folder = os.path.join(work, "archive", "videos")
+    plan = {"frame_size": FRAME_SIZE, "frames_per_clip": FRAMES_PER_CLIP, "clip_seconds": CLIP_SECONDS, "stride_seconds": CLIP_SECONDS}
+    models = {
+        "classify (CRNN)": export_untrained_model(os.path.join(work, "classify"), task="classify", **plan),
+        "segment (ConvLSTM segmenter)": export_untrained_model(os.path.join(work, "segment"), task="segment", **plan),
+    }
+    ray.init(num_cpus=os.cpu_count() or 2, log_to_driver=False)
+    results: dict[str, list[dict]] = {name: [] for name in models}
+    try:
+        for round_index in range(args.rounds):
+            for name, model in models.items():
+                measured = run(folder, model, os.path.join(work, f"out-{round_index}-{name.split()[0]}"))
+                results[name].append(measured)
+                print(f"round {round_index + 1}: {name}: {measured['frames']} frames, {measured['cpu']:.1f} CPU-s "
+                      f"({1000 * measured['cpu'] / measured['frames']:.2f} ms per frame), wall {measured['wall']:.1f} s, "
+                      f"tables {measured['tables']}", flush=True)
+    finally:
+        ray.shutdown()
+    load_after = os.getloadavg()[0]
+
+    def best(name: str) -> dict:
+        return min(results[name], key=lambda r: r["cpu"] / r["frames"])
+
+    classify, segment = best("classify (CRNN)"), best("segment (ConvLSTM segmenter)")
+    ratio = (segment["cpu"] / segment["frames"]) / (classify["cpu"] / classify["frames"])
+    roles = sorted({role for r in (classify, segment) for role in r["roles"]})
+    lines = [
+        SECTION,
+        "",
+        f"Measured {datetime.date.today()} by `python bench/segment_label_cost.py --videos {args.videos} --seconds {args.seconds:g} "
+        f"--rounds {args.rounds}` on {cpu_model()}, {os.cpu_count()} cores (load average before/after {load_before:.1f} / {load_after:.1f}).",
+        "",
+        f"One archive ({args.videos} synthetic segment videos of {args.seconds:g} s, 64x64, 12 fps, H.264) labelled by the whole job "
+        f"on a local Ray with untrained models sampling the same frames ({FRAMES_PER_CLIP} per {CLIP_SECONDS:g} s clip at "
+        f"{FRAME_SIZE}x{FRAME_SIZE}); CPU of this process and every Ray process; best of {args.rounds} interleaved round(s).",
+        "",
+        "| model | sampled frames | CPU-s | ms CPU per frame | wall s | " + " | ".join(f"{r} CPU-s" for r in roles) + " |",
+        "|---|---:|---:|---:|---:|" + "---:|" * len(roles),
+    ]
+    for name, r in (("classify (CRNN)", classify), ("segment (ConvLSTM segmenter)", segment)):
+        lines.append(f"| {name} | {r['frames']} | {r['cpu']:.1f} | {1000 * r['cpu'] / r['frames']:.2f} | {r['wall']:.1f} | "
+                     + " | ".join(f"{r['roles'].get(role, 0.0):.1f}" for role in roles) + " |")
+    lines += ["", f"Segmentation / classification, CPU per sampled frame: **{ratio:.2f}** (target <= 1.5)."]
+    text = "\n".join(lines) + "\n"
+    print()
+    print(text)
+    if not args.no_write:
+        existing = open(RESULTS).read() if os.path.exists(RESULTS) else ""
+        kept = existing.split(SECTION)[0].rstrip() + "\n\n" if SECTION in existing else existing.rstrip() + "\n\n"
+        with open(RESULTS, "w") as f:
+            f.write(kept + text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
