@@ -163,7 +163,7 @@ def publish_labelling(params: LabelParams, summary: dict) -> None:
         f"- listed {summary['listed']} videos: {summary['new']} new, {summary['changed']} changed, "
         f"{summary['retried']} retried after a transient failure, {summary['unchanged']} unchanged (skipped), "
         f"{summary['removed']} no longer listed",
-        f"- left out of the listing (not videos by their extension): "
+        "- left out of the listing (not videos by their extension): "
         + (", ".join(f"{n} {ext or '(no extension)'}" for ext, n in sorted(summary["left_out"].items())) or "nothing"),
         f"- labelled {summary['videos']}: {summary['ok']} ok, {summary['partial']} partial, {summary['failed']} failed; "
         f"{summary['clips']} clips in {summary['seconds']:.0f} s" + (" (resumed a crashed run)" if summary.get("resumed") else ""),

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import io
-import os
-import tempfile
 from fractions import Fraction
 
 import numpy as np

@@ -62,7 +62,6 @@ def test_archive_layout_and_masks_match_the_decoded_video(segment_archive):
         assert data["masks"].shape == (48, 64, 64) and data["masks"].dtype == np.uint8
         np.testing.assert_allclose(data["times"], np.arange(48) / 12)
         assert float(data["fps"]) == 12
-    config = SegmenterConfig()
     target = MaskTarget(row["mask_uri"], 64)
     with VideoReader(row["video_uri"]) as reader:
         assert reader.duration_s == pytest.approx(4.0, abs=0.1)
