@@ -6,8 +6,8 @@
 The same archive (``rnnimg synth --task segment`` videos, 64x64, 12 fps) is labelled by the whole
 job (``rnnimg.label.label`` on a local Ray: probe, decode tasks, the model's actor, commits) with
 two untrained exported models that sample the same frames at the same size: the CRNN classifier
-(writes ``clips`` and ``segments``) and the ConvLSTM segmenter (writes a ``masks`` row per sampled
-frame, run-length encoded). CPU seconds are counted over this process and every Ray process
+(writes ``clips`` and ``segments``) and the ConvLSTM segmenter with its default config (writes a
+``masks`` row per sampled frame, run-length encoded). CPU seconds are counted over this process and every Ray process
 (``label_throughput.TreeCPU``), split by role, in interleaved rounds. Target (issue 12): the
 segmentation job costs at most 1.5x the classifier's CPU per sampled frame (masks are not the
 bottleneck). Results go to ``bench/RESULTS_segment.md`` (a section of its own).
@@ -44,6 +44,29 @@ def run(folder: str, model: str, out: str) -> dict:
     return {"frames": frames, "cpu": cpu.seconds, "wall": wall, "roles": cpu.by_role(), "tables": result.tables, "ok": result.ok}
 
 
+def forward_ms_per_frame(model_uri: str, clips: int = 32, repeats: int = 3) -> float:
+    """CPU ms per frame of the model's forward pass alone: one thread, a batch of ``clips`` random clips, best of ``repeats``."""
+    import torch
+
+    from rnnimg.tasks import load_model
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        _, model, _, _ = load_model(model_uri)
+        x = torch.rand(clips, FRAMES_PER_CLIP, 3, FRAME_SIZE, FRAME_SIZE) - 0.5
+        with torch.inference_mode():
+            model(x[:2])  # warm-up
+            best = float("inf")
+            for _ in range(repeats):
+                started = time.process_time()
+                model(x)
+                best = min(best, time.process_time() - started)
+    finally:
+        torch.set_num_threads(threads)
+    return 1000 * best / (clips * FRAMES_PER_CLIP)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--videos", type=int, default=16, help="videos in the archive (default 16)")
@@ -68,6 +91,9 @@ def main() -> int:
         "classify (CRNN)": export_untrained_model(os.path.join(work, "classify"), task="classify", **plan),
         "segment (ConvLSTM segmenter)": export_untrained_model(os.path.join(work, "segment"), task="segment", **plan),
     }
+    forward = {name: forward_ms_per_frame(model) for name, model in models.items()}
+    layout_before = export_untrained_model(os.path.join(work, "segment-full-resolution"), task="segment", mask_stride=1, **plan)
+    forward["segment, mask_stride=1 (the layout before)"] = forward_ms_per_frame(layout_before)
     ray.init(num_cpus=os.cpu_count() or 2, log_to_driver=False)
     results: dict[str, list[dict]] = {name: [] for name in models}
     try:
@@ -104,15 +130,18 @@ def main() -> int:
     for name, r in (("classify (CRNN)", classify), ("segment (ConvLSTM segmenter)", segment)):
         lines.append(f"| {name} | {r['frames']} | {r['cpu']:.1f} | {1000 * r['cpu'] / r['frames']:.2f} | {r['wall']:.1f} | "
                      + " | ".join(f"{r['roles'].get(role, 0.0):.1f}" for role in roles) + " |")
-    lines += ["", f"Segmentation / classification, CPU per sampled frame: **{ratio:.2f}** (target <= 1.5)."]
+    lines += ["", f"Segmentation / classification, CPU per sampled frame: **{ratio:.2f}** (target <= 1.5).", "",
+              f"The forward pass alone (one thread, 32 clips of {FRAMES_PER_CLIP} frames, best of 3), CPU ms per frame: "
+              + "; ".join(f"{name} {ms:.2f}" for name, ms in forward.items()) + "."]
     text = "\n".join(lines) + "\n"
     print()
     print(text)
     if not args.no_write:
         existing = open(RESULTS).read() if os.path.exists(RESULTS) else ""
-        kept = existing.split(SECTION)[0].rstrip() + "\n\n" if SECTION in existing else existing.rstrip() + "\n\n"
+        before, _, rest = existing.partition(SECTION)
+        after = rest[rest.index("\n## "):] if "\n## " in rest else ""  # the sections after this one stay
         with open(RESULTS, "w") as f:
-            f.write(kept + text)
+            f.write(before.rstrip() + "\n\n" + text + after)
     return 0
 
 

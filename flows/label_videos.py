@@ -61,12 +61,13 @@ class LabelParams(BaseModel):
     lock_stale_seconds: float = Field(600.0, ge=30, description="a lock not refreshed for this long is taken over")
     allow_prefixes: list[Location] | None = Field(None, description="locations a manifest may name besides its own bucket")
     extensions: list[str] | None = Field(None, description="file extensions that are videos in a folder listing (default: FFmpeg's video demuxers')")
+    embeddings: bool = Field(False, description="also write each clip's recurrent features (float16) into the clips table")
     ray_address: str | None = Field(None, description="Ray cluster to use (default: RAY_ADDRESS, else a local Ray)")
 
     def label_config(self) -> LabelConfig:
         return LabelConfig(videos_per_shard=self.videos_per_shard, batch_size=self.batch_size, actors=self.actors,
                            stride_seconds=self.stride_seconds, range_seconds=self.range_seconds,
-                           min_segment_seconds=self.min_segment_seconds)
+                           min_segment_seconds=self.min_segment_seconds, embeddings=self.embeddings)
 
 
 # ----------------------------------------------------------------------------- tasks
@@ -115,7 +116,7 @@ def plan_run(params: LabelParams, model_id: str, lock: StoreLock) -> Delta:
 
     return label_runs.plan_run(params.out, params.videos, params.splits, model_id, params.model, params.full, lock,
                                run_id_suffix=flow_run.id, logger=run_logger(), allow_prefixes=params.allow_prefixes,
-                               extensions=params.extensions)
+                               extensions=params.extensions, stills=label_runs.labels_stills(params.model))
 
 
 @task(name="label-delta", retries=1, retry_delay_seconds=10, retry_condition_fn=transient, cache_policy=NO_CACHE)

@@ -18,6 +18,7 @@ import argparse
 import json
 import sys
 import time
+from typing import Any
 
 from flowkit import Location, artifact_key, connect_ray, location_link, markdown_table, transient
 from prefect import flow, get_run_logger, task
@@ -37,6 +38,9 @@ class TrainParams(BaseModel):
     out: Location = Field(description="where checkpoints (OUT/ray/NAME) and the exported model (OUT/model) go")
     name: str = Field("crnn", min_length=1, max_length=100, description="run name; the same name resumes")
     task: str = Field("classify", description="what the model learns to predict (rnnimg.tasks.names())")
+    model_options: dict[str, Any] = Field(default_factory=dict,
+                                          description="fields of the task's model config (e.g. segment: {spatial: renet, temporal: false, "
+                                                      "frames_per_clip: 1}); the rest take the task's defaults")
     epochs: int = Field(TrainConfig.epochs, ge=1, le=10_000, description="passes over the training videos")
     workers: int = Field(TrainConfig.workers, ge=1, le=1024, description="Ray Train workers (DDP)")
     batch_size: int = Field(TrainConfig.batch_size, ge=1, le=4096, description="clips per optimiser step per worker")
@@ -73,7 +77,11 @@ HISTORY_COLUMNS = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "l
 @task(name="train-model", retries=1, retry_delay_seconds=5, retry_condition_fn=transient)
 def train_model(params: TrainParams) -> TrainResult:
     """Ray Train on the cluster; a retry resumes from the last checkpoint."""
-    return train(params.manifest, params.out, params.name, params.train_config(), ray_address=params.ray_address, task=params.task)
+    from rnnimg.tasks import get
+
+    model_config = get(params.task).model_config(params.manifest, **params.model_options)
+    return train(params.manifest, params.out, params.name, params.train_config(), model_config, ray_address=params.ray_address,
+                 task=params.task)
 
 
 @task(name="read-metrics", retries=3, retry_delay_seconds=2, retry_condition_fn=transient)

@@ -121,13 +121,23 @@ class Delta:
 
 
 def list_input(videos: list[str], splits: list[str] | None, allow_prefixes: list[str] | None = None,
-               extensions: list[str] | None = None) -> Listing:
+               extensions: list[str] | None = None, stills: bool = False) -> Listing:
     """The input listing, once per location, first occurrence of a URI kept (as ``rnnimg label`` does).
 
     Raises:
         ValueError: nothing listed.
     """
-    return list_inputs(videos, splits, allow_prefixes=allow_prefixes, extensions=extensions)
+    return list_inputs(videos, splits, allow_prefixes=allow_prefixes, extensions=extensions, stills=stills)
+
+
+def labels_stills(model_uri: str) -> bool:
+    """Whether the model at ``model_uri`` labels still images (its task's ``needs_video`` is false):
+    then a folder listing includes them (``rnnimg.manifest.image_extensions``)."""
+    from rnnimg import checkpoint, tasks
+
+    exported = checkpoint.read_config(model_uri)
+    task = tasks.get(exported.task)
+    return not task.needs_video(task.config_from_dict(exported.config))
 
 
 @dataclass(frozen=True)
@@ -218,7 +228,7 @@ def write_delta(base: str, delta: Delta) -> str:
 
 def plan_run(base: str, videos: list[str], splits: list[str] | None, model_id: str, model_uri: str, full: bool, lock: StoreLock,
              run_id_suffix: str | None = None, logger: logging.Logger | logging.LoggerAdapter | None = None,
-             allow_prefixes: list[str] | None = None, extensions: list[str] | None = None) -> Delta:
+             allow_prefixes: list[str] | None = None, extensions: list[str] | None = None, stills: bool = False) -> Delta:
     """Resume the crashed run of this model, or list the input and compute what is new or changed.
 
     A planned run is written down (``_delta.parquet`` and ``state.json``'s ``pending``) before
@@ -233,7 +243,8 @@ def plan_run(base: str, videos: list[str], splits: list[str] | None, model_id: s
         full: relabel every listed video.
         lock: this run's lock of ``base``, checked before anything is written.
         run_id_suffix: passed to ``new_run_id``.
-        allow_prefixes, extensions: the listing's rules (``rnnimg.manifest.list_inputs``).
+        allow_prefixes, extensions, stills: the listing's rules (``rnnimg.manifest.list_inputs``;
+            ``stills``: the model labels still images, see ``labels_stills``).
 
     Raises:
         ValueError: nothing listed, or state.json of another version.
@@ -251,7 +262,7 @@ def plan_run(base: str, videos: list[str], splits: list[str] | None, model_id: s
         logger.warning("run %s of model %s did not finish; model %s replaces it", pending["run_id"], pending["model_id"], model_id)
         state["runs"].append({**pending, "status": "abandoned", "finished_at": time.time()})
         state["pending"] = None
-    listing = list_input(videos, splits, allow_prefixes, extensions)
+    listing = list_input(videos, splits, allow_prefixes, extensions, stills=stills)
     known = labelled_before(base, state, model_id)
     delta = plan_delta(listing.rows, known, new_run_id(run_id_suffix), model_id, full=full, left_out=listing.skipped)
     if delta.todo:

@@ -5,7 +5,8 @@ A manifest is a Parquet (or CSV) table with at least ``video_uri``; training man
 
 - ``list_inputs`` / ``resolve_all`` / ``resolve_videos``: what a label job reads (folders, single
   videos, manifests), with what a folder listing skipped counted by extension.
-- ``video_extensions``: which files of a folder are videos (what the installed FFmpeg demuxes).
+- ``video_extensions``: which files of a folder are videos (what the installed FFmpeg demuxes);
+  ``image_extensions``: which are still images (listed too for a model that labels stills).
 - ``resolve_manifest_uri``: where a manifest's URI points, and whether the manifest may name it.
 - ``shards``: deterministic shards of a listing, the unit of a label job's commits.
 - ``manifest_overview`` / ``labelled_videos``: what a training worker reads (three columns,
@@ -102,6 +103,20 @@ AUDIO_ONLY = frozenset(
     "sbc sdns amr genh".split()
 )
 ELSEWHERE_NOT_VIDEO = frozenset({"cgi", "v"})  # scripts and sources far more often than the camera formats FFmpeg reads so
+
+
+# Still images a folder listing takes for a model that labels single frames: the common photo and
+# raster formats FFmpeg decodes as one picture (rnnimg.video.decode.is_still_format). Not the
+# rarer members of image2's list (".y", ".pix", ".im1", ...), which name other things as often.
+IMAGE_EXTENSIONS = frozenset(
+    ".jpg .jpeg .png .webp .bmp .tif .tiff .ppm .pgm .pbm .pam .pfm .qoi .tga .dpx .exr .hdr .sgi .jp2 .j2k .avif .jxl".split()
+)
+
+
+def image_extensions() -> frozenset[str]:
+    """Extensions a folder listing takes as still images (``IMAGE_EXTENSIONS``): each becomes a
+    one-frame input for a model that labels stills (``rnnimg.tasks.Task.needs_video`` false)."""
+    return IMAGE_EXTENSIONS
 
 
 @functools.lru_cache(maxsize=1)
@@ -372,7 +387,7 @@ def list_archive(location: str, extensions: Iterable[str] | str | None = None) -
 
 
 def list_inputs(locations: Sequence[str], splits: Sequence[str] | None = None, allow_prefixes: Sequence[str] | None = None,
-                extensions: Iterable[str] | str | None = None) -> Listing:
+                extensions: Iterable[str] | str | None = None, stills: bool = False) -> Listing:
     """Videos named by several locations, and what their folder listings skipped.
 
     A location is a manifest table (``.parquet``/``.csv``: every row becomes a row, the ones it may
@@ -384,13 +399,15 @@ def list_inputs(locations: Sequence[str], splits: Sequence[str] | None = None, a
         splits: keep only manifest rows whose ``split`` is one of these (manifests only).
         allow_prefixes: locations manifests may name besides their own bucket (``resolve_manifest_uri``).
         extensions: which files of a folder are videos, e.g. ``[".mp4", ".ogv"]`` (default ``video_extensions()``).
+        stills: with the default extensions, also list still images (``image_extensions()``): the
+            model labels them.
 
     Raises:
         FileNotFoundError: a location does not exist.
         ManifestError: a manifest is unusable, ``splits`` was given for a folder, or nothing was found.
         ValueError: an allow-prefix is not a location, or ``extensions`` names nothing.
     """
-    wanted = extension_set(extensions)
+    wanted = extension_set(extensions) if extensions is not None or not stills else video_extensions() | image_extensions()
     for prefix in allow_prefixes or ():
         _prefix_location(prefix)  # refuse a malformed one before reading anything
     rows: dict[str, VideoRow] = {}

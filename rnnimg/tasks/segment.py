@@ -30,12 +30,11 @@ import numpy as np
 
 from rnnimg import tables
 from rnnimg.tasks import Task
+from rnnimg.tasks.segment_report import write_report
 
 if TYPE_CHECKING:
     from rnnimg.models.segmenter import SegmenterConfig
 
-OVERLAY_PNG = "overlay.png"
-REPORT = "report.md"
 MASK_COLUMNS = ("video_uri", "mask_uri", "split")
 SPLITS = ("train", "val", "test")
 
@@ -127,113 +126,6 @@ def clip_masks_json(masks: np.ndarray) -> str:
     return json.dumps({"height": int(masks.shape[1]), "width": int(masks.shape[2]), "frames": frames}, separators=(",", ":"))
 
 
-def overlay_png(frame: np.ndarray, truth: np.ndarray, predicted: np.ndarray, title: str = "") -> bytes:
-    """Input frame, truth, prediction and errors (red: false positive, blue: missed) side by side, as a PNG.
-
-    Args:
-        frame: uint8 (H, W, 3); truth, predicted: (H, W) in {0, 1}.
-    """
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    truth, predicted = truth.astype(bool), predicted.astype(bool)
-    error = np.zeros((*truth.shape, 3), np.uint8) + 255
-    error[predicted & ~truth] = (220, 40, 40)
-    error[truth & ~predicted] = (40, 80, 220)
-    error[truth & predicted] = (200, 200, 200)
-    figure = Figure(figsize=(8.5, 2.6), dpi=100, layout="constrained")  # Agg canvas: no display, no pyplot state
-    FigureCanvasAgg(figure)
-    for index, (name, image) in enumerate((("input", frame), ("truth", truth), ("prediction", predicted), ("errors", error))):
-        axes = figure.add_subplot(1, 4, index + 1)
-        axes.imshow(image, cmap="gray" if image.ndim == 2 else None, vmin=0, vmax=1 if image.ndim == 2 else None, interpolation="nearest")
-        axes.set_title(name, fontsize=9)
-        axes.set_axis_off()
-    if title:
-        figure.suptitle(title, fontsize=9)
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", bbox_inches="tight")
-    return buffer.getvalue()
-
-
-def sample_overlay(model_uri: str, config: "SegmenterConfig", seed: int = 12345) -> tuple[bytes, float]:
-    """The overlay PNG of the exported model on a freshly rendered synthetic clip, and that clip's IoU.
-
-    ``write_report`` is not given the manifest, so the sample is a new synthetic video
-    (``segment_synth.render_video``), not a validation one.
-    """
-    import torch
-
-    from rnnimg.models.layout import to_model_input
-    from rnnimg.tasks import load_model
-    from rnnimg.tasks.segment_synth import render_video
-    from rnnimg.video.clips import frame_times
-
-    fps = 12
-    frames, masks = render_video(np.random.default_rng(seed), 64, fps, max(config.clip_seconds, 1.0))
-    times = np.arange(len(frames)) / fps
-    timestamps = frame_times(0.0, config.clip_seconds, config.frames_per_clip)
-    index = np.clip(np.searchsorted(times, np.asarray(timestamps) + 1e-6, side="right") - 1, 0, len(times) - 1)
-    size = config.frame_size
-    pick = np.minimum((np.arange(size) + 0.5) * 64 / size, 63).astype(np.intp)
-    clip = frames[index][:, pick][:, :, pick]  # (T, 64, 64, 3) -> (T, S, S, 3), nearest
-    truth = masks_at(masks, times, timestamps, size)
-    _, model, _, _ = load_model(model_uri)
-    with torch.inference_mode():
-        predicted = (model(to_model_input(clip)).float()[0, :, 0] > 0).numpy()  # (1, T, 1, S, S) -> (T, S, S)
-    inter, union = (predicted & truth.astype(bool)).sum(), (predicted | truth.astype(bool)).sum()
-    iou = float(inter / union) if union else 1.0
-    last = len(clip) - 1
-    return overlay_png(clip[last], truth[last], predicted[last], f"last frame of a fresh synthetic clip, clip IoU {iou:.3f}"), iou
-
-
-def write_report(model_uri: str, evaluation: dict, history: list, best_metrics: dict, config: "SegmenterConfig", model_id: str):
-    """Write report.md (val IoU by epoch and by frame position) and overlay.png into the model folder.
-
-    Returns:
-        An ``rnnimg.evaluation.Report`` (``confusion_uri`` and ``curves_uri`` None: the history is a table here).
-    """
-    from rnnimg import storage
-    from rnnimg.evaluation import Report
-
-    iou = evaluation.get("iou")
-    lines = [
-        f"# Evaluation of segmentation model {model_id}",
-        "",
-        f"Validation split at the selected epoch {best_metrics.get('epoch')} (of {len(history)} trained, chosen by validation IoU, "
-        f"so slightly optimistic), {evaluation.get('clips')} clips: **IoU of the moving mask "
-        f"{iou if iou is None else f'{iou:.3f}'}** (pixel totals), loss {evaluation.get('loss') or float('nan'):.4f}.",
-        "",
-        f"Recurrent layer: {'Conv' + config.rnn_type.upper() if config.temporal else 'none (per-frame ablation)'}, "
-        f"{config.frames_per_clip} frames per {config.clip_seconds:g} s clip, {config.frame_size}x{config.frame_size}.",
-        "",
-        "| epoch | train loss | val loss | train IoU | val IoU |",
-        "|---|---|---|---|---|",
-    ]
-    for h in history:
-        lines.append(f"| {h.get('epoch')} | {h.get('train_loss', float('nan')):.4f} | {h.get('val_loss', float('nan')):.4f} "
-                     f"| {h.get('train_iou', float('nan')):.3f} | {h.get('val_iou', float('nan')):.3f} |")
-    per_step = evaluation.get("iou_per_step") or []
-    if per_step:
-        lines += ["", "Validation IoU by frame position in the clip (the first frame has no past to tell motion from):", "",
-                  "| " + " | ".join(str(i) for i in range(len(per_step))) + " |", "|---" * len(per_step) + "|",
-                  "| " + " | ".join(f"{v:.2f}" for v in per_step) + " |"]
-    overlay_uri = None
-    try:
-        import matplotlib  # noqa: F401 - only to know whether plots can be drawn
-    except ImportError:
-        lines += ["", "Plots not drawn: matplotlib is not installed (pip install 'rnnimg[report]')."]
-    else:
-        png, _ = sample_overlay(model_uri, config)
-        overlay_uri = storage.join(model_uri, OVERLAY_PNG)
-        storage.write_bytes(overlay_uri, png)
-        lines += ["", f"![input, truth, prediction, errors (red: false positive, blue: missed)]({OVERLAY_PNG})"]
-    lines.append("")
-    markdown = "\n".join(lines)
-    report_uri = storage.join(model_uri, REPORT)
-    storage.write_bytes(report_uri, markdown.encode("utf-8"))
-    return Report(report_uri=report_uri, confusion_uri=None, curves_uri=None, markdown=markdown)
-
-
 class SegmentTask(Task):
     name = "segment"
     description = "a mask per frame of what moves (conv encoder -> ConvLSTM/ConvGRU -> decoder)"
@@ -242,7 +134,10 @@ class SegmentTask(Task):
 
     # ------------------------------------------------------------------ data and model
 
+    synth_options = ("images",)
+
     def synth(self, out: str, videos: int, unlabelled: int, seed: int, **options) -> str:
+        """Videos of moving and still objects; with ``images=True`` still images for the spatial (ReNet) model."""
         from rnnimg.tasks.segment_synth import SegmentSynthConfig, make_archive
 
         return make_archive(out, SegmentSynthConfig(videos=videos, unlabelled=unlabelled, seed=seed, **options))
@@ -351,10 +246,15 @@ class SegmentTask(Task):
         return {"iou": best_entry.get("val_iou"), "loss": best_entry.get("val_loss"), "clips": best_entry.get("val_clips"),
                 "iou_per_step": best_entry.get("val_iou_per_step"), "epoch": best_entry.get("epoch")}
 
-    def write_report(self, model_uri: str, evaluation: dict, history: list, best_metrics: dict, config: "SegmenterConfig", model_id: str):
-        return write_report(model_uri, evaluation, history, best_metrics, config, model_id)
+    def write_report(self, model_uri: str, evaluation: dict, history: list, best_metrics: dict, config: "SegmenterConfig", model_id: str, *,
+                     manifest_uri: str | None = None):
+        return write_report(model_uri, evaluation, history, best_metrics, config, model_id, manifest_uri=manifest_uri)
 
     # ------------------------------------------------------------------ labelling
+
+    def needs_video(self, config: "SegmenterConfig") -> bool:
+        # A spatial model sees one frame per clip and carries nothing across: it labels stills too.
+        return bool(config.temporal) or config.frames_per_clip > 1
 
     def clip_columns(self) -> dict[str, tuple[str, object]]:
         return {"masks": ("object", "")}

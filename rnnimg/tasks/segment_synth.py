@@ -1,4 +1,5 @@
-"""A synthetic temporal-segmentation archive: which of several identical objects move?
+"""Synthetic segmentation archives: which of several identical objects move (videos), and which
+shapes have the colour of a far-away marker (still images, ``images=True``).
 
 Each video shows 3-5 objects of one shape and one colour (the same for all of them) on a
 textured background that itself drifts in a random direction, with sensor noise. Some objects
@@ -19,16 +20,30 @@ Layout (``OUT`` a local folder or ``s3://``)::
     OUT/manifest.parquet                     ``video_uri``, ``mask_uri`` (absolute), ``split``
                                              (train / val / test; "unlabelled" rows: mask_uri null)
 
+**Still images** (``images=True``, for a spatial model: ``SegmenterConfig(temporal=False,
+frames_per_clip=1, spatial="renet")``): 3-6 shapes (discs, squares, diamonds), each coloured from a
+small palette, on a mildly textured grey background with sensor noise, and a marker square in one
+corner (chosen at random) in one palette colour. The target is the mask of the shapes whose colour
+is the marker's: at least one shape matches and at least one does not. Whether a pixel is target
+depends on the corner, up to a whole frame away, so a network that sees a few cells around each
+pixel cannot tell; shapes keep clear of the corners, so no shape passes for a marker.
+
+    OUT/images/<split>/<split>-<nnnnn>.png   lossless, ``size`` x ``size`` (PyAV opens it as a one-frame video of 0.04 s)
+    OUT/masks/<split>/<split>-<nnnnn>.npz    ``masks`` uint8 (1, H, W) in {0, 1}, ``times`` float64 [0.0]
+    OUT/manifest.parquet                     the same columns as the video archive
+
 Everything is reproducible from ``seed``: each video has its own seed drawn from it, so the
 archive is the same however many processes render it.
 
     rnnimg synth OUT --task segment --videos 200 --seed 0
+    rnnimg synth OUT --task segment --videos 1000 --images      # still images
 """
 
 from __future__ import annotations
 
 import io
 from dataclasses import asdict, dataclass
+from typing import NamedTuple
 
 import numpy as np
 import pyarrow as pa
@@ -37,11 +52,18 @@ from rnnimg import storage
 from rnnimg.synth import DriftingTexture, encode_video, render_all, split_counts
 
 
+# Saturated colours, far from each other and from the grey background (75..175): each has a channel <= 50 and one >= 200 (RGB).
+PALETTE = np.array([(230, 40, 40), (40, 200, 60), (50, 90, 240), (240, 210, 30), (200, 50, 220), (30, 210, 220)], np.float32)
+
+
 @dataclass(frozen=True)
 class SegmentSynthConfig:
     """Parameters of the synthetic segmentation archive."""
 
-    videos: int = 200  # videos, split into train / val / test
+    videos: int = 200  # videos (or images), split into train / val / test
+    images: bool = False  # still PNG images of the marker-colour rule instead of videos (fps, seconds, crf unused)
+    palette: int = 4  # images: colours the shapes and the marker are drawn from (2 to len(PALETTE))
+    marker: int = 8  # images: side of the marker square, pixels (2 to size / 4)
     unlabelled: int = 0  # extra videos without a mask (split "unlabelled", mask_uri null): input for labelling
     seed: int = 0  # everything is reproducible from this seed
     size: int = 64  # frame height and width, pixels
@@ -62,6 +84,12 @@ class SegmentSynthConfig:
             raise ValueError(f"fps must be >= 1, got {self.fps}")
         if not self.seconds > 0:
             raise ValueError(f"seconds must be > 0, got {self.seconds}")
+        if not isinstance(self.images, bool):
+            raise ValueError(f"images must be true or false, got {self.images!r}")
+        if not 2 <= self.palette <= len(PALETTE):
+            raise ValueError(f"palette must be between 2 and {len(PALETTE)} colours, got {self.palette}")
+        if not 2 <= self.marker <= self.size // 4:
+            raise ValueError(f"marker must be between 2 and size / 4 = {self.size // 4} pixels, got {self.marker}")
 
 
 def render_video(rng: np.random.Generator, size: int = 64, fps: int = 12, seconds: float = 4.0) -> tuple[np.ndarray, np.ndarray]:
@@ -111,6 +139,85 @@ def render_video(rng: np.random.Generator, size: int = 64, fps: int = 12, second
     return frames, masks
 
 
+class Still(NamedTuple):
+    """One rendered still image and its truth."""
+
+    image: np.ndarray  # uint8 (size, size, 3)
+    mask: np.ndarray  # uint8 (size, size) in {0, 1}: the shapes of the marker's colour
+    marker_corner: int  # 0 top-left, 1 top-right, 2 bottom-left, 3 bottom-right
+    marker_colour: int  # index into PALETTE
+    shape_colours: tuple[int, ...]  # index into PALETTE of each shape (at least one equal to marker_colour, one not)
+
+
+def render_still(rng: np.random.Generator, size: int = 64, palette: int = 4, marker: int = 8) -> Still:
+    """Render one still image of the marker-colour rule (module docstring).
+
+    Args:
+        palette: how many colours of ``PALETTE`` the shapes and the marker use.
+        marker: side of the marker square, pixels.
+    """
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
+    # Background: grey, with a low-contrast texture of soft blobs.
+    image = np.full((size, size, 3), rng.uniform(95, 145), np.float32)
+    for _ in range(int(size * size / 100)):
+        cy, cx = rng.uniform(0, size, 2)
+        r = rng.uniform(2.0, 6.0) * size / 64
+        image[(yy - cy) ** 2 + (xx - cx) ** 2 <= r * r] += rng.uniform(-20, 20, 3)
+    np.clip(image, 75, 175, out=image)  # far from every palette colour: each has a channel <= 50 and one >= 200
+
+    side = marker
+    corner = int(rng.integers(4))
+    marker_colour = int(rng.integers(palette))
+    top, left = (0 if corner < 2 else size - side), (0 if corner % 2 == 0 else size - side)
+    image[top:top + side, left:left + side] = PALETTE[marker_colour]
+
+    count = int(rng.integers(3, 7))
+    matching = int(rng.integers(1, count))
+    others = [c for c in range(palette) if c != marker_colour]
+    colours = [marker_colour] * matching + [int(rng.choice(others)) for _ in range(count - matching)]
+    colours = [colours[i] for i in rng.permutation(count)]
+    keep_out = side + 3  # shapes stay clear of all four corners' marker squares
+    for _ in range(100):  # a layout that leaves no room for the last shapes starts again
+        placed: list[tuple[float, float, float]] = []
+        for _ in range(200 * count):
+            r = rng.uniform(5.0, 8.0) * size / 64
+            cx, cy = rng.uniform(r + 1, size - r - 1, 2)
+            in_corner = (min(cx, size - cx) - r < keep_out) and (min(cy, size - cy) - r < keep_out)
+            if not in_corner and all((cx - x) ** 2 + (cy - y) ** 2 >= (r + q + 2) ** 2 for x, y, q in placed):
+                placed.append((cx, cy, r))
+                if len(placed) == count:
+                    break
+        if len(placed) == count:
+            break
+    else:
+        raise RuntimeError(f"could not place {count} shapes without overlap in a {size}x{size} image with a {side}-pixel marker")
+    mask = np.zeros((size, size), np.uint8)
+    for colour, (cx, cy, r) in zip(colours, placed):
+        kind = int(rng.integers(3))
+        if kind == 0:
+            shape = (xx - cx) ** 2 + (yy - cy) ** 2 <= r * r
+        elif kind == 1:
+            shape = (np.abs(xx - cx) <= r * 0.85) & (np.abs(yy - cy) <= r * 0.85)
+        else:
+            shape = np.abs(xx - cx) + np.abs(yy - cy) <= r * 1.2
+        image[shape] = PALETTE[colour]
+        if colour == marker_colour:
+            mask[shape] = 1
+    image += rng.normal(0.0, 3.0, image.shape).astype(np.float32)
+    return Still(np.clip(image, 0, 255).astype(np.uint8), mask, corner, marker_colour, tuple(colours))
+
+
+def encode_png(image: np.ndarray) -> bytes:
+    """A uint8 (H, W, 3) RGB image as PNG bytes (PyAV's encoder: lossless)."""
+    import av
+
+    codec = av.CodecContext.create("png", "w")
+    codec.height, codec.width = image.shape[:2]
+    codec.pix_fmt = "rgb24"
+    packets = codec.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(image), format="rgb24")) + codec.encode(None)
+    return b"".join(bytes(packet) for packet in packets)
+
+
 def mask_bytes(masks: np.ndarray, fps: float) -> bytes:
     """The ``.npz`` truth file of a video: ``masks`` (T, H, W) uint8, ``times`` (T,) seconds, ``fps``."""
     buffer = io.BytesIO()
@@ -120,6 +227,12 @@ def mask_bytes(masks: np.ndarray, fps: float) -> bytes:
 
 def _write_one(job: tuple[str, str, int, SegmentSynthConfig]) -> None:
     video_uri, mask_uri, video_seed, config = job
+    if config.images:
+        still = render_still(np.random.default_rng(video_seed), config.size, config.palette, config.marker)
+        storage.write_bytes(video_uri, encode_png(still.image))
+        if mask_uri:
+            storage.write_bytes(mask_uri, mask_bytes(still.mask[None], 1.0))  # (1, H, W), times [0.0]
+        return
     frames, masks = render_video(np.random.default_rng(video_seed), config.size, config.fps, config.seconds)
     storage.write_bytes(video_uri, encode_video(frames, config.fps, crf=config.crf))
     if mask_uri:
@@ -127,7 +240,8 @@ def _write_one(job: tuple[str, str, int, SegmentSynthConfig]) -> None:
 
 
 def make_archive(out: str, config: SegmentSynthConfig = SegmentSynthConfig(), processes: int | None = None) -> str:
-    """Write ``config.videos`` videos with masks, ``config.unlabelled`` without, and a manifest under ``out`` (layout: module docstring).
+    """Write ``config.videos`` videos (``config.images``: PNG images) with masks, ``config.unlabelled`` without,
+    and a manifest under ``out`` (layout: module docstring).
 
     Args:
         processes: rendering processes (default: one per CPU core).
@@ -138,9 +252,10 @@ def make_archive(out: str, config: SegmentSynthConfig = SegmentSynthConfig(), pr
     rng = np.random.default_rng(config.seed)
     rows: dict[str, list] = {"video_uri": [], "mask_uri": [], "split": []}
     jobs = []
+    folder, extension = ("images", "png") if config.images else ("videos", "mp4")
     for split, count in split_counts(config.videos, config.val_fraction, config.test_fraction, config.unlabelled).items():
         for index in range(count):
-            video_uri = storage.join(out, "videos", split, f"{split}-{index:05d}.mp4")
+            video_uri = storage.join(out, folder, split, f"{split}-{index:05d}.{extension}")
             mask_uri = None if split == "unlabelled" else storage.join(out, "masks", split, f"{split}-{index:05d}.npz")
             jobs.append((video_uri, mask_uri, int(rng.integers(2**63)), config))
             rows["video_uri"].append(storage.normalize(video_uri))

@@ -29,6 +29,8 @@ How the frames are found:
   claim centuries, a 16000x16000 picture or a thousand streams. ``DecodeLimits`` bounds each
   of these when the reader opens a video, and FFmpeg's probing and decoding refuse pictures
   above its ``max_pixels`` (a picture that grows mid-stream fails as ``decode``).
+- **Still images** (JPEG, PNG, WebP, BMP, TIFF, ...) open like a video of one frame shown from
+  time 0; ``info.still`` says so (``is_still_format``), and a plan asks for time 0.
 - **One video stream**: the first video stream in container order that is not an attached
   picture (cover art). Other video streams are ignored, so the choice never depends on
   bit rates or on FFmpeg's heuristics.
@@ -98,6 +100,7 @@ class VideoInfo:
     height: int  # as coded (before the display rotation)
     fps: float  # average frame rate as the container declares it (0 when unknown)
     codec: str
+    still: bool = False  # a still image (JPEG, PNG, WebP, ...): one frame, shown at time 0
 
 
 @dataclass(frozen=True)
@@ -240,12 +243,14 @@ class VideoReader:
         fps = float(stream.average_rate or 0.0)
         if self._no_timestamps and self._frame_period_s:
             fps = 1.0 / self._frame_period_s
+        still = is_still_format(self._container.format.name)
         self.info = VideoInfo(
             duration_s=duration,
             width=self._coded_size()[0],
             height=self._coded_size()[1],
-            fps=fps,
+            fps=0.0 if still else fps,
             codec=str(stream.codec_context.name),
+            still=still,
         )
 
     def _bind_stream(self) -> None:
@@ -620,6 +625,14 @@ class VideoReader:
         if packet is not None and packet.pts is not None and not self._no_timestamps:
             return f"near {max(packet.pts * self._time_base - self._origin_s, 0.0):.2f} s"
         return f"at byte {packet.pos}" if packet is not None and packet.pos is not None else "at the start"
+
+
+def is_still_format(demuxer: str) -> bool:
+    """Whether FFmpeg's demuxer ``demuxer`` reads still images: ``image2`` and the single-picture
+    ``*_pipe`` demuxers (``png_pipe``, ``jpeg_pipe``, ``webp_pipe``, ...). PyAV opens such a file
+    as a one-frame stream whose frame is shown from time 0 (for 1/25 s, FFmpeg's default rate).
+    A GIF has a demuxer of its own (``gif``) and counts as video, animated or not."""
+    return any(name == "image2" or (name.endswith("_pipe") and name != "image2pipe") for name in demuxer.split(","))
 
 
 def _parse_duration_tag(value: str | None) -> float | None:
