@@ -198,7 +198,9 @@ def _make_backbone(config: CRNNConfig) -> nn.Module:
     return TorchvisionBackbone(config.backbone, config.grid, config.feature_dim)
 
 
-def _make_rnn(config: CRNNConfig) -> nn.Module:
+def make_rnn(config: CRNNConfig) -> nn.Module:
+    """The recurrent layer of a config: torch.nn's LSTM/GRU (``rnn_impl="torch"``) or rnnimg.nn's
+    cells written from their equations (``"reference"``), batch first, (B, T, feature_dim) -> (B, T, rnn_hidden)."""
     kwargs = dict(input_size=config.feature_dim, hidden_size=config.rnn_hidden, num_layers=config.rnn_layers, batch_first=True)
     if config.rnn_impl == "reference":
         from rnnimg import nn as reference  # the cells written from their equations
@@ -229,7 +231,7 @@ class CRNN(nn.Module):
         super().__init__()
         self.config = config
         self.backbone = _make_backbone(config)
-        self.rnn = _make_rnn(config)
+        self.rnn = make_rnn(config)
         self.dropout = nn.Dropout(config.dropout)
         self.clip_head = nn.Linear(config.rnn_hidden, config.num_classes)
         self.frame_head = nn.Linear(config.rnn_hidden, config.num_classes)

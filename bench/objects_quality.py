@@ -1,0 +1,141 @@
+"""Does the recurrent layer find objects while they are hidden? Object CRNN vs its per-frame ablation, same budget.
+
+Trains, with the plain loop (``train_one_epoch`` / ``evaluate``, no Ray), on one synthetic
+archive (``rnnimg.tasks.objects_synth``: objects of 3 classes moving behind bars over clutter):
+
+- ``temporal``:  the object CRNN with its LSTM (``rnnimg.nn``, the reference cells) and tracker;
+- ``per_frame``: ``temporal=False``, a per-frame layer in the LSTM's place (no information
+                 crosses frames): the ablation;
+
+and prints, on the test split, per-frame per-class F1 at box IoU >= 0.5 on all frames and on
+frames where the object is visible (uncovered), occluded (partly covered) and hidden (fully
+covered). Targets: temporal >= 0.9 on visible frames and >= 0.7 on hidden ones; per_frame
+<= 0.2 on hidden ones. The two trainings run at the same time, one process and one core each.
+
+    .venv/bin/python bench/objects_quality.py                          # 30 epochs: 862 s on a shared 2-core EPYC
+    .venv/bin/python bench/objects_quality.py --videos 40 --epochs 1   # a smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import os
+import sys
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from machine import cpu_model  # noqa: E402  (bench/machine.py)
+
+VARIANTS = ("temporal", "per_frame")
+CATEGORIES = ("all", "visible", "occluded", "hidden")
+
+
+def fit_and_score(manifest: str, variant: str, epochs: int, clips_per_video: int, batch_size: int, lr: float, overrides: dict,
+                  minutes: float = 0.0) -> dict:
+    import torch
+
+    from rnnimg.tasks import get as get_task
+    from rnnimg.train.config import TrainConfig
+    from rnnimg.train.data import iter_batches, iter_clips
+    from rnnimg.train.loop import evaluate, make_optimizer, train_one_epoch
+
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    task = get_task("objects")
+    config = task.model_config(manifest, temporal=variant != "per_frame", **overrides)
+    train_rows = task.training_rows(manifest, "train", config)
+    val_rows = task.training_rows(manifest, "val", config)
+    test_rows = task.training_rows(manifest, "test", config)
+    model = task.build_model(config)
+    train_config = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, clips_per_video=clips_per_video)
+    steps = int(np.ceil(len(train_rows) * clips_per_video / batch_size))
+    optimizer, scheduler = make_optimizer(model, train_config, steps * epochs)
+    started = time.perf_counter()
+    history = []
+    best_f1, best_state, best_epoch = -1.0, None, -1
+    for epoch in range(epochs):
+        rng = np.random.default_rng([0, epoch])
+        clips = iter_clips(train_rows, task, config, train=True, rng=rng, clips_per_video=clips_per_video, augment=True)
+        summary = task.summarize(train_one_epoch(model, optimizer, iter_batches(clips, batch_size, shuffle_buffer=64, rng=rng), "cpu",
+                                                 task, config, scheduler))
+        val = task.summarize(evaluate(model, iter_batches(iter_clips(val_rows, task, config, train=False, rng=rng), 16), "cpu", task, config))
+        history.append({"epoch": epoch, "train_loss": round(summary["loss"], 4), "val_f1": round(val["f1"], 3),
+                        "val_f1_hidden": round(val["f1_hidden"], 3)})
+        if val["f1"] > best_f1:  # the checkpoint the Ray path would export: the best val_f1
+            best_f1, best_epoch = val["f1"], epoch
+            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        print(f"  {variant}: epoch {epoch} train loss {summary['loss']:.4f} F1 {summary['f1']:.3f} | val F1 {val['f1']:.3f} "
+              f"visible {val['f1_visible']:.3f} hidden {val['f1_hidden']:.3f} ({time.perf_counter() - started:.0f} s)", flush=True)
+        if minutes and time.perf_counter() - started > minutes * 60 and epoch + 1 < epochs:
+            print(f"  {variant}: time budget of {minutes:g} min spent after epoch {epoch}: stopping (schedule not finished)", flush=True)
+            break
+    train_s = time.perf_counter() - started
+    model.load_state_dict(best_state)
+    rng = np.random.default_rng(1)
+    test = task.summarize(evaluate(model, iter_batches(iter_clips(test_rows, task, config, train=False, rng=rng), 16), "cpu", task, config))
+    return {"variant": variant, "test": test, "train_s": train_s, "history": history, "best_epoch": best_epoch, "epochs_run": len(history),
+            "train_videos": len(train_rows), "val_videos": len(val_rows), "test_videos": len(test_rows),
+            "parameters": sum(p.numel() for p in model.parameters()), "config": task.config_to_dict(config)}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--videos", type=int, default=800)
+    parser.add_argument("--epochs", type=int, default=30)
+    parser.add_argument("--clips-per-video", type=int, default=1)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--lr", type=float, default=3e-3)
+    parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--seed", type=int, default=11)
+    parser.add_argument("--model-option", action="append", default=[], metavar="KEY=JSON", help="a model config field, e.g. rnn_hidden=192")
+    parser.add_argument("--minutes", type=float, default=0.0,
+                        help="stop a model's training after the first epoch that ends past this many minutes (0: no limit)")
+    parser.add_argument("--json", default="", help="also write the results to this file")
+    parser.add_argument("--archive", default="", help="keep the archive in this folder and reuse it when it is there (default: a temporary one)")
+    args = parser.parse_args(argv)
+    overrides = {k: json.loads(v) for k, _, v in (o.partition("=") for o in args.model_option)}
+
+    from rnnimg.tasks.objects_synth import ObjectsSynthConfig, make_archive
+
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="objects-bench-") as folder:
+        folder = args.archive or folder
+        manifest = os.path.join(folder, "manifest.parquet")
+        if not os.path.exists(manifest):  # (a kept archive is reused as it is: same videos, seed and count)
+            manifest = make_archive(folder, ObjectsSynthConfig(videos=args.videos, seed=args.seed), processes=2)
+        print(f"archive: {args.videos} videos at {folder} in {time.perf_counter() - started:.0f} s", flush=True)
+        variants = [v for v in args.variants.split(",") if v]
+        with ProcessPoolExecutor(max_workers=2, mp_context=multiprocessing.get_context("spawn")) as pool:
+            runs = [pool.submit(fit_and_score, manifest, v, args.epochs, args.clips_per_video, args.batch_size, args.lr, overrides, args.minutes)
+                    for v in variants]
+            results = {r["variant"]: r for r in (run.result() for run in runs)}
+    import torch
+
+    first = results[variants[0]]
+    print(f"\nmachine: {cpu_model()}, {os.cpu_count()} cores, Python {sys.version.split()[0]}, torch {torch.__version__}, "
+          f"load average now {os.getloadavg()[0]:.1f}")
+    print(f"budget per model: {args.epochs} epochs x {args.clips_per_video} clips x {first['train_videos']} train videos, "
+          f"batch {args.batch_size}, lr {args.lr}, one core; checkpoint: best val F1 ({first['val_videos']} videos); "
+          f"test {first['test_videos']} videos; wall {time.perf_counter() - started:.0f} s in all\n")
+    print("| model | F1 all | F1 visible | F1 occluded | F1 hidden | P hidden | R hidden | epochs run | best epoch | train s |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for name, r in results.items():
+        t = r["test"]
+        print(f"| {name} | {t['f1']:.3f} | {t['f1_visible']:.3f} | {t['f1_occluded']:.3f} | {t['f1_hidden']:.3f} | "
+              f"{t['precision_hidden']:.3f} | {t['recall_hidden']:.3f} | {r['epochs_run']} | {r['best_epoch']} | {r['train_s']:.0f} |")
+    print("objects in the test split (class-frames): " + ", ".join(f"{c} {first['test']['objects' + ('' if c == 'all' else '_' + c)]}"
+                                                                   for c in CATEGORIES))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"args": vars(args), "results": results}, f, indent=2, default=str)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
