@@ -1,0 +1,306 @@
+"""Task ``predict``: next-frame quality against the baselines, surprise ranking of anomalies, and
+class-conditioned generation recognised by a CRNN. Prints one JSON line per measurement.
+
+Parts (run in this order; later parts read what earlier ones saved under --out):
+
+- ``nextframe``: trains the encoder-forecaster (``rnnimg.models.forecaster``, 10 frames in,
+  10 predicted) with the plain loop (``train_one_epoch``) on freshly rendered moving-digits
+  sequences for ``--minutes`` of wall time, then scores the fixed-seed test set: 2,000 sequences
+  written as H.264 videos (``rnnimg.tasks.digits_synth``, seed 2026) and decoded through the clip
+  stream, against the copy-last-frame and mean-frame baselines on the same clips. Targets:
+  MSE <= 0.5x copy-last, SSIM above copy-last. Saves the model (``OUT/nextframe_model``).
+- ``surprise``: an archive of ``--surprise-videos`` ordinary 6 s moving-digits videos, one in ten
+  with an anomaly (one digit teleports, freezes or reverses, at a random frame), labelled by
+  ``rnnimg.label.label`` (Ray Data, the real job) with the nextframe model; each anomaly's clip
+  (the one whose predicted half starts the anomaly) must rank in the top 5% by surprise, for
+  >= 90% of the anomalies.
+- ``conditioned``: a conditioned forecaster (1 frame in, 9 generated, the motion class as the
+  forecaster's input) and the same model without the class, trained alike for ``--minutes-cond``
+  each; rnnimg's CRNN (``rnnimg.models.crnn``) trained on real 10-frame sequences of the same
+  generator; then clips generated for each class from fresh first frames are classified. Target:
+  >= 90% recognised as their class; the unconditioned model: chance (25%).
+
+    .venv/bin/python bench/predict_quality.py --part nextframe --minutes 25
+    .venv/bin/python bench/predict_quality.py --part surprise
+    .venv/bin/python bench/predict_quality.py --part conditioned --minutes-cond 10 --minutes-crnn 5
+    .venv/bin/python bench/predict_quality.py --part nextframe --minutes 0.5 --test 64 --out /tmp/p   # a smoke run
+
+One training process at a time, ``torch.set_num_threads(--threads)`` (default 1); wall-time
+budgets, so the step counts printed depend on the machine and its load.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from machine import cpu_model  # noqa: E402  (bench/machine.py)
+
+TEST_SEED = 2026
+
+
+def emit(record: dict) -> None:
+    print(json.dumps(record), flush=True)
+
+
+def random_batch(rng, size: int, frames: int, labels: list[int] | None = None):
+    """``(uint8 (B, T, 64, 64, 3), int64 (B,) classes)`` of fresh moving-digits sequences."""
+    import torch
+
+    from rnnimg.tasks.digits_synth import render_sequence, to_rgb
+
+    picked = labels if labels is not None else [None] * size
+    sequences = [render_sequence(rng, frames, 64, label=label) for label in picked]
+    clips = np.stack([to_rgb(grey) for grey, _ in sequences])  # B x (T, H, W, 3) -> (B, T, H, W, 3)
+    return torch.from_numpy(clips), torch.tensor([label for _, label in sequences])
+
+
+def cosine_lr(optimizer, base_lr: float, fraction: float) -> None:
+    """Cosine decay over the wall-time budget, to 5% at its end."""
+    for group in optimizer.param_groups:
+        group["lr"] = base_lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, fraction))))
+
+
+def fit_forecaster(config, minutes: float, batch_size: int, lr: float, seed: int, conditioned: bool) -> dict:
+    """Train for ``minutes`` of wall time on fresh sequences; returns the model and what it saw."""
+    import torch
+
+    from rnnimg.models.layout import to_model_input
+    from rnnimg.tasks import get
+    from rnnimg.tasks.predict import loss_fn
+
+    task = get("predict")
+    torch.manual_seed(seed)
+    model = task.build_model(config)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    rng = np.random.default_rng(seed)
+    started, steps, recent = time.perf_counter(), 0, []
+    while (elapsed := time.perf_counter() - started) < minutes * 60:
+        cosine_lr(optimizer, lr, elapsed / (minutes * 60))
+        clips, labels = random_batch(rng, batch_size, config.frames_per_clip)
+        outputs = model(to_model_input(clips), labels if conditioned else None)
+        loss = loss_fn(outputs, config.context_frames)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
+        optimizer.step()
+        steps += 1
+        recent.append(float(loss.detach()))
+        if steps % 50 == 0:
+            emit({"progress": "train", "conditioned": conditioned, "step": steps, "minutes": round(elapsed / 60, 2),
+                  "loss_last_50": round(float(np.mean(recent[-50:])), 5)})
+    model.eval()
+    return {"model": model, "steps": steps, "clips_seen": steps * batch_size, "wall_minutes": round((time.perf_counter() - started) / 60, 2)}
+
+
+def test_archive(out: str, count: int) -> str:
+    """The fixed-seed test set: ``count`` 2 s sequences at 10 fps as H.264 videos (made once)."""
+    from rnnimg.tasks.digits_synth import DigitsSynthConfig, make_archive
+
+    root = os.path.join(out, f"test_archive_{count}")
+    manifest = os.path.join(root, "manifest.parquet")
+    if not os.path.exists(manifest):
+        # 1 train + 1 val video, the rest test: the fractions only place the fixed-seed sequences.
+        total = count + 2
+        make_archive(root, DigitsSynthConfig(videos=total, seed=TEST_SEED, val_fraction=0.5 / total, test_fraction=count / total),
+                     processes=2)
+    return manifest
+
+
+def part_nextframe(args) -> None:
+    import torch
+
+    from rnnimg import checkpoint
+    from rnnimg.models.forecaster import ForecasterConfig
+    from rnnimg.tasks import get
+    from rnnimg.train.data import iter_batches, iter_clips
+    from rnnimg.train.loop import evaluate
+
+    task = get("predict")
+    started = time.perf_counter()
+    manifest = test_archive(args.out, args.test)
+    emit({"progress": "test archive", "sequences": args.test, "minutes": round((time.perf_counter() - started) / 60, 2)})
+    config = ForecasterConfig(hidden=args.hidden, channels=tuple(args.channels), layers=args.layers)
+    fit = fit_forecaster(config, args.minutes, args.batch_size, args.lr, seed=0, conditioned=False)
+    model = fit["model"]
+    rows = task.training_rows(manifest, "test", config)
+    assert len(rows) == args.test, (len(rows), args.test)
+    scored = time.perf_counter()
+    clips = iter_clips(rows, task, config, train=False, rng=np.random.default_rng(0))
+    stats = evaluate(model, iter_batches(clips, 32), "cpu", task, config)
+    summary = task.summarize(stats)
+    model_uri = os.path.join(args.out, "nextframe_model")
+    checkpoint.save(model_uri, model.state_dict(), task.name, task.config_to_dict(config), metrics={"test": summary})
+    emit({"part": "nextframe", "machine": cpu_model(), "torch": torch.__version__, "threads": torch.get_num_threads(),
+          "config": task.config_to_dict(config), "params": sum(p.numel() for p in model.parameters()),
+          "train_steps": fit["steps"], "train_clips": fit["clips_seen"], "train_wall_minutes": fit["wall_minutes"],
+          "test_sequences": summary["clips"], "score_minutes": round((time.perf_counter() - scored) / 60, 2),
+          **{k: summary[k] for k in ("mse", "ssim", "copy_last_mse", "copy_last_ssim", "mean_frame_mse", "mean_frame_ssim",
+                                     "mse_vs_copy_last", "mse_per_step")},
+          "target_mse_half_copy_last": summary["mse_vs_copy_last"] <= 0.5, "target_ssim_above_copy_last": summary["ssim"] > summary["copy_last_ssim"],
+          "model": model_uri})
+
+
+def part_surprise(args) -> None:
+    from rnnimg import storage
+    from rnnimg.label import LabelConfig, label
+    from rnnimg.runtime import ensure_ray
+    from rnnimg.synth import encode_video
+    from rnnimg.tasks.digits_synth import ANOMALIES, Anomaly, render_sequence, to_rgb
+
+    model_uri = os.path.join(args.out, "nextframe_model")
+    root = os.path.join(args.out, f"surprise_archive_{args.surprise_videos}")
+    rng = np.random.default_rng(7)
+    fps, frames = 10, 60
+    anomalies = {}
+    for index in range(args.surprise_videos):
+        uri = os.path.join(root, f"video-{index:04d}.mp4")
+        seed = int(rng.integers(2**63))
+        anomaly = None
+        if index % 10 == 3:  # one in ten
+            anomaly = Anomaly(ANOMALIES[(index // 10) % 3], int(rng.integers(20, 50)), int(rng.integers(2)))
+            anomalies[uri] = anomaly
+        if not os.path.exists(uri):
+            grey, _ = render_sequence(np.random.default_rng(seed), frames, 64, anomaly=anomaly)
+            storage.write_bytes(uri, encode_video(to_rgb(grey), fps, crf=4))
+    out = os.path.join(args.out, f"surprise_labels_{args.surprise_videos}")
+    ensure_ray(None)
+    started = time.perf_counter()
+    label([root], model_uri, out, LabelConfig(videos_per_shard=50, batch_size=16))
+    clips = storage.read_table(os.path.join(out, "clips")).to_pandas()
+    clips = clips.sort_values("surprise", ascending=False).reset_index(drop=True)
+    top = max(1, int(round(0.05 * len(clips))))
+    found, details = 0, []
+    for uri, anomaly in anomalies.items():
+        # The clip whose predicted half (frames 10k+10 .. 10k+19 of clip k) holds the anomaly's first frame.
+        k = anomaly.at // 10 - 1
+        rank = int(clips.index[(clips["video_uri"] == storage.normalize(uri)) & (clips["clip_index"] == k)][0])
+        found += rank < top
+        details.append({"kind": anomaly.kind, "at": anomaly.at, "clip": k, "rank": rank})
+    anomalous_videos = {storage.normalize(u) for u in anomalies}
+    emit({"part": "surprise", "machine": cpu_model(), "videos": args.surprise_videos, "clips": len(clips), "anomalies": len(anomalies),
+          "top_5pct_clips": top, "found_in_top_5pct": found, "share_found": found / len(anomalies),
+          "per_kind": {kind: [d["rank"] for d in details if d["kind"] == kind] for kind in ANOMALIES},
+          "top_5pct_from_anomalous_videos": float(clips["video_uri"][:top].isin(anomalous_videos).mean()),
+          "median_surprise_normal": float(clips.loc[~clips["video_uri"].isin(anomalous_videos), "surprise"].median()),
+          "label_minutes": round((time.perf_counter() - started) / 60, 2), "target_share": 0.9})
+
+
+def part_conditioned(args) -> None:
+    import torch
+
+    from rnnimg import checkpoint
+    from rnnimg.generate import generate_clip
+    from rnnimg.models.crnn import CRNN, CRNNConfig
+    from rnnimg.models.forecaster import ForecasterConfig
+    from rnnimg.models.layout import to_model_input
+    from rnnimg.tasks import get
+    from rnnimg.tasks.classify import loss_fn as crnn_loss
+    from rnnimg.tasks.digits_synth import MOTION_CLASSES, to_rgb
+
+    task = get("predict")
+    frames = 10
+    results = {}
+    # The classifier: rnnimg's CRNN on real 10-frame sequences of the generator (class = starting direction).
+    crnn_config = CRNNConfig(labels=MOTION_CLASSES, frames_per_clip=frames, clip_seconds=1.0, stride_seconds=1.0)
+    torch.manual_seed(0)
+    crnn = CRNN(crnn_config)
+    optimizer = torch.optim.AdamW(crnn.parameters(), lr=2e-3, weight_decay=0.01)
+    rng = np.random.default_rng(100)
+    started, steps = time.perf_counter(), 0
+    while (elapsed := time.perf_counter() - started) < args.minutes_crnn * 60:
+        cosine_lr(optimizer, 2e-3, elapsed / (args.minutes_crnn * 60))
+        clips, labels = random_batch(rng, 32, frames)
+        crnn.train()
+        clip_logits, frame_logits = crnn(to_model_input(clips))
+        loss = crnn_loss(clip_logits, frame_logits, labels, crnn_config.frame_loss_weight)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        steps += 1
+    crnn.eval()
+    test_rng = np.random.default_rng(TEST_SEED + 1)
+    correct = total = 0
+    with torch.inference_mode():
+        for _ in range(8):
+            clips, labels = random_batch(test_rng, 50, frames)
+            correct += int((crnn(to_model_input(clips))[0].argmax(1) == labels).sum())
+            total += len(labels)
+    results["crnn"] = {"steps": steps, "wall_minutes": round((time.perf_counter() - started) / 60, 2), "real_test_accuracy": correct / total,
+                       "real_test_clips": total}
+    emit({"progress": "crnn", **results["crnn"]})
+
+    per_class = args.generated // len(MOTION_CLASSES)
+    for conditioned in (True, False):
+        config = ForecasterConfig(frames_per_clip=frames, context_frames=1, clip_seconds=1.0, stride_seconds=0.9, hidden=args.hidden,
+                                  channels=tuple(args.channels), layers=args.layers, labels=MOTION_CLASSES if conditioned else ())
+        fit = fit_forecaster(config, args.minutes_cond, args.batch_size, args.lr, seed=1, conditioned=conditioned)
+        model = fit["model"]
+        name = "conditioned" if conditioned else "unconditioned"
+        checkpoint.save(os.path.join(args.out, f"{name}_model"), model.state_dict(), task.name, task.config_to_dict(config),
+                        labels=list(config.labels))
+        confusion = np.zeros((len(MOTION_CLASSES), len(MOTION_CLASSES)), np.int64)
+        with torch.inference_mode():
+            for wanted in range(len(MOTION_CLASSES)):
+                # Seeds disjoint from training (which draws from default_rng(1)); the same seeds for both models.
+                generated = np.stack([to_rgb(generate_clip(model, config, wanted, 10_000 + wanted * per_class + i)) if conditioned else
+                                      to_rgb(_unconditioned_clip(model, config, wanted, 10_000 + wanted * per_class + i))
+                                      for i in range(per_class)])
+                predicted = crnn(to_model_input(generated))[0].argmax(1)
+                for p in predicted.tolist():
+                    confusion[wanted, p] += 1
+        accuracy = float(np.trace(confusion) / confusion.sum())
+        results[name] = {"train_steps": fit["steps"], "train_clips": fit["clips_seen"], "train_wall_minutes": fit["wall_minutes"],
+                         "recognised": accuracy, "confusion": confusion.tolist()}
+        emit({"progress": name, **results[name]})
+    emit({"part": "conditioned", "machine": cpu_model(), "torch": torch.__version__, "generated_per_class": per_class, **results,
+          "target_conditioned": results["conditioned"]["recognised"] >= 0.9, "chance": 1 / len(MOTION_CLASSES)})
+
+
+def _unconditioned_clip(model, config, wanted: int, seed: int) -> np.ndarray:
+    """The unconditioned model from the same first frame as the conditioned one would get for class ``wanted``."""
+    import torch
+
+    from rnnimg.models.layout import to_model_input
+    from rnnimg.tasks.digits_synth import render_sequence, to_rgb
+
+    grey, _ = render_sequence(np.random.default_rng(seed), config.context_frames, config.frame_size, label=wanted)
+    with torch.inference_mode():
+        predicted = model.rollout(to_model_input(to_rgb(grey)), config.future_frames)[0]  # (F, 1, H, W)
+    return np.concatenate([grey, np.rint(predicted[:, 0].numpy() * 255).astype(np.uint8)])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--part", choices=("nextframe", "surprise", "conditioned"), required=True)
+    parser.add_argument("--out", default=os.path.join(tempfile.gettempdir(), "rnnimg-predict-bench"), help="data and models (reused across parts)")
+    parser.add_argument("--minutes", type=float, default=25.0, help="wall-time training budget of the next-frame model")
+    parser.add_argument("--minutes-cond", type=float, default=10.0, help="wall-time budget of each conditioned-part forecaster")
+    parser.add_argument("--minutes-crnn", type=float, default=5.0, help="wall-time budget of the CRNN")
+    parser.add_argument("--test", type=int, default=2000, help="test sequences")
+    parser.add_argument("--surprise-videos", type=int, default=200)
+    parser.add_argument("--generated", type=int, default=200, help="generated clips per model, spread over the classes")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--hidden", type=int, default=32)
+    parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--channels", type=int, nargs="+", default=[16, 32])
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+    import torch
+
+    torch.set_num_threads(args.threads)
+    os.makedirs(args.out, exist_ok=True)
+    {"nextframe": part_nextframe, "surprise": part_surprise, "conditioned": part_conditioned}[args.part](args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,319 @@
+"""Task ``predict``: the next frames of a clip from its first ones (ConvLSTM encoder-forecaster), and
+how surprising each clip of an archive is.
+
+    rnnimg synth OUT --task predict --seconds 2 --fps 10 --videos 3000
+    rnnimg train OUT/manifest.parquet --out runs --task predict --frames-per-clip 20
+    rnnimg label OUT/videos/test --model runs/model --out labels        # clips table with a surprise column
+    rnnimg generate runs/model --from OUT/videos/test/test-00000.mp4 --seconds 4 --out pred.mp4
+
+- Data: ``rnnimg.tasks.digits_synth``, two hand-drawn digits bouncing in a 64 x 64 frame
+  (Moving-MNIST style); manifest ``video_uri``, ``label`` (motion class), ``split``.
+- Model: ``rnnimg.models.forecaster.Forecaster``; no teacher forcing, no scheduled sampling
+  (the forecaster rolls its state forward without seeing frames).
+- Sample: a random clip window; the target is the clip itself (its last F frames), carried in
+  the model's ``Forecast`` output; the row target is the motion class id (used only by a
+  conditioned model, which the shared loop cannot feed: see ``check_training``).
+- Loss: per-pixel BCE with logits of the F future frames (grey, [0, 1]).
+- Metrics: ``mse`` (per frame, summed over the pixels, values in [0, 1], the Moving MNIST
+  convention), ``ssim`` (11x11 Gaussian window, sigma 1.5), each beside two baselines on the
+  same clips: ``copy_last`` (the last context frame, repeated) and ``mean_frame`` (the mean of
+  the context frames); the exported checkpoint is the best val_mse.
+- Label job: ``surprise`` per clip = the ``mse`` of the clip's last F frames given its first K;
+  table ``clips`` (``rnnimg.tables.SURPRISE_CLIPS``): no label, no segments.
+"""
+
+from __future__ import annotations
+
+import ast
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from rnnimg import tables
+from rnnimg.tasks import Task
+
+if TYPE_CHECKING:
+    from rnnimg.models.forecaster import ForecasterConfig
+
+REPORT = "report.md"
+DEFAULT_FPS = 10.0  # frame rate assumed for a manifest that does not record one (the synth's default)
+SSIM_WINDOW, SSIM_SIGMA = 11, 1.5
+
+
+# ----------------------------------------------------------------------------- metrics
+
+
+def ssim(a, b):
+    """Mean SSIM (Wang et al. 2004) of each pair of grey frames in [0, 1]: (N, 1, H, W) x 2 -> (N,).
+
+    11 x 11 Gaussian window (sigma 1.5), C1 = 0.01^2, C2 = 0.03^2, no padding (only windows that
+    fit), as skimage's ``structural_similarity(gaussian_weights=True, data_range=1)`` up to its
+    border cropping. Identical frames score 1.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    a, b = a.float(), b.float()  # float32: torch's double convolutions have no fast CPU kernel
+    size = min(SSIM_WINDOW, a.shape[-1], a.shape[-2])
+    x = torch.arange(size, dtype=a.dtype, device=a.device) - (size - 1) / 2
+    g = torch.exp(-(x**2) / (2 * SSIM_SIGMA**2))
+    g = g / g.sum()
+
+    def blur(z):  # separable Gaussian, valid part only: (N, 1, H, W) -> (N, 1, H-k+1, W-k+1)
+        return F.conv2d(F.conv2d(z, g.view(1, 1, -1, 1)), g.view(1, 1, 1, -1))
+
+    mu_a, mu_b = blur(a), blur(b)
+    var_a = blur(a * a) - mu_a**2
+    var_b = blur(b * b) - mu_b**2
+    cov = blur(a * b) - mu_a * mu_b
+    c1, c2 = 0.01**2, 0.03**2
+    s = ((2 * mu_a * mu_b + c1) * (2 * cov + c2)) / ((mu_a**2 + mu_b**2 + c1) * (var_a + var_b + c2))
+    return s.double().mean((1, 2, 3))  # (N, 1, h, w) -> (N,)
+
+
+def frame_mse(predicted, truth):
+    """Per-frame squared error summed over the pixels: (..., 1, H, W) x 2 -> (...)."""
+    return ((predicted.double() - truth.double()) ** 2).sum((-3, -2, -1))
+
+
+def forecast_stats(predicted, frames, context_frames: int) -> dict:
+    """Sums over a batch, per future step, of the MSE and SSIM of a prediction and of the two baselines.
+
+    Args:
+        predicted: (B, F, 1, H, W) in [0, 1]; frames: the clips (B, K + F, 1, H, W) in [0, 1].
+
+    Returns:
+        ``{mse, ssim, copy_last_mse, copy_last_ssim, mean_frame_mse, mean_frame_ssim}``, each (F,) float64.
+    """
+    future = frames[:, context_frames:]
+    b, f = future.shape[:2]
+    candidates = {
+        "": predicted,
+        "copy_last_": frames[:, context_frames - 1 : context_frames].expand_as(future),  # (B, 1, ...) -> (B, F, ...)
+        "mean_frame_": frames[:, :context_frames].mean(1, keepdim=True).expand_as(future),
+    }
+    out = {}
+    flat_truth = future.reshape(b * f, *future.shape[2:])  # (B, F, 1, H, W) -> (B*F, 1, H, W)
+    for prefix, guess in candidates.items():
+        out[prefix + "mse"] = frame_mse(guess, future).sum(0)  # (B, F) -> (F,)
+        out[prefix + "ssim"] = ssim(guess.reshape(b * f, *guess.shape[2:]), flat_truth).reshape(b, f).sum(0)  # (B*F,) -> (F,)
+    return out
+
+
+def loss_fn(outputs, context_frames: int):
+    """Per-pixel BCE with logits of the predicted frames against the clip's future frames."""
+    import torch.nn.functional as F
+
+    return F.binary_cross_entropy_with_logits(outputs.logits.float(), outputs.frames[:, context_frames:].float())
+
+
+def surprise(outputs, context_frames: int):
+    """Per clip: the mean over its predicted frames of the per-frame MSE (summed over pixels): (B,)."""
+    import torch
+
+    return frame_mse(torch.sigmoid(outputs.logits.float()), outputs.frames[:, context_frames:]).mean(1)
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def write_report(model_uri: str, evaluation: dict, history: list, best_metrics: dict, config: "ForecasterConfig", model_id: str):
+    """Write report.md (validation MSE and SSIM against the baselines, by epoch and by future step)."""
+    from rnnimg import storage
+    from rnnimg.evaluation import Report
+
+    def fmt(value, digits=2):
+        return "-" if value is None else f"{value:.{digits}f}"
+
+    e = evaluation
+    lines = [
+        f"# Evaluation of next-frame model {model_id}",
+        "",
+        f"Validation split at the selected epoch {best_metrics.get('epoch')} (of {len(history)} trained, chosen by validation MSE), "
+        f"{e.get('clips')} clips, {config.context_frames} frames in, {config.future_frames} predicted, "
+        f"{config.frame_size}x{config.frame_size} grey in [0, 1].",
+        "",
+        "| | per-frame MSE (sum over pixels) | SSIM |",
+        "|---|---|---|",
+        f"| model | **{fmt(e.get('mse'))}** | **{fmt(e.get('ssim'), 3)}** |",
+        f"| copy the last input frame | {fmt(e.get('copy_last_mse'))} | {fmt(e.get('copy_last_ssim'), 3)} |",
+        f"| mean of the input frames | {fmt(e.get('mean_frame_mse'))} | {fmt(e.get('mean_frame_ssim'), 3)} |",
+        "",
+        f"MSE / copy-last: {fmt(e.get('mse_vs_copy_last'), 3)} (target <= 0.5).",
+        "",
+        "| epoch | train loss | val loss | val MSE | val SSIM |",
+        "|---|---|---|---|---|",
+    ]
+    for h in history:
+        lines.append(f"| {h.get('epoch')} | {fmt(h.get('train_loss'), 4)} | {fmt(h.get('val_loss'), 4)} | {fmt(h.get('val_mse'))} "
+                     f"| {fmt(h.get('val_ssim'), 3)} |")
+    per_step = e.get("mse_per_step") or []
+    if per_step:
+        lines += ["", "Validation MSE by predicted frame:", "", "| " + " | ".join(str(i + 1) for i in range(len(per_step))) + " |",
+                  "|---" * len(per_step) + "|", "| " + " | ".join(f"{v:.1f}" for v in per_step) + " |"]
+    lines.append("")
+    markdown = "\n".join(lines)
+    report_uri = storage.join(model_uri, REPORT)
+    storage.write_bytes(report_uri, markdown.encode("utf-8"))
+    return Report(report_uri=report_uri, confusion_uri=None, curves_uri=None, markdown=markdown)
+
+
+# ----------------------------------------------------------------------------- the task
+
+
+def _manifest_fps(manifest_uri: str) -> float:
+    """The frame rate a synthetic manifest records (``rnnimg.synth`` metadata), else ``DEFAULT_FPS``."""
+    from rnnimg import storage
+
+    try:
+        metadata = storage.read_table(manifest_uri, columns=["split"]).schema.metadata or {}
+        fps = ast.literal_eval(metadata.get(b"rnnimg.synth", b"{}").decode()).get("fps")
+    except (ValueError, SyntaxError, OSError):
+        return DEFAULT_FPS
+    return float(fps) if fps else DEFAULT_FPS
+
+
+class PredictTask(Task):
+    name = "predict"
+    description = "the next frames of a clip, and a surprise score per clip (ConvLSTM encoder-forecaster)"
+    selection_metric = "val_mse"
+    selection_mode = "min"
+
+    # ------------------------------------------------------------------ data and model
+
+    def synth(self, out: str, videos: int, unlabelled: int, seed: int, **options) -> str:
+        from rnnimg.tasks.digits_synth import DigitsSynthConfig, make_archive
+
+        return make_archive(out, DigitsSynthConfig(videos=videos, unlabelled=unlabelled, seed=seed, **options))
+
+    def model_config(self, manifest_uri: str, **overrides) -> "ForecasterConfig":
+        """The config for a manifest: ``clip_seconds`` = ``frames_per_clip`` / the manifest's fps, half the
+        frames as context, labelling stride half a clip, unless given.
+
+        Raises:
+            ValueError: no train or val rows; an override the forecaster does not have.
+        """
+        counts = self._split_counts(manifest_uri)
+        if not counts.get("train") or not counts.get("val"):
+            raise ValueError(f"manifest {manifest_uri} needs rows in split 'train' and 'val' "
+                             f"(found {counts.get('train', 0)} train, {counts.get('val', 0)} val)")
+        given = dict(overrides)
+        if "rnn_hidden" in given:  # the command line's name for the recurrent state's width
+            given["hidden"] = given.pop("rnn_hidden")
+        if "frames_per_clip" in given:
+            given.setdefault("context_frames", int(given["frames_per_clip"]) // 2)
+        frames = int(given.get("frames_per_clip", 20))
+        given.setdefault("clip_seconds", round(frames / _manifest_fps(manifest_uri), 6))
+        given.setdefault("stride_seconds", round(given["clip_seconds"] * (frames - given.get("context_frames", frames // 2)) / frames, 6))
+        return self.config_from_dict(given)
+
+    def config_from_dict(self, data: dict) -> "ForecasterConfig":
+        from rnnimg.models.forecaster import ForecasterConfig
+
+        return ForecasterConfig.from_dict(data)
+
+    def config_to_dict(self, config: "ForecasterConfig") -> dict:
+        from dataclasses import asdict
+
+        return asdict(config)
+
+    def labels(self, config: "ForecasterConfig") -> tuple[str, ...]:
+        return tuple(config.labels)
+
+    def build_model(self, config: "ForecasterConfig"):
+        from rnnimg.models.forecaster import Forecaster
+
+        return Forecaster(config)
+
+    def check_training(self, manifest_uri: str, config: "ForecasterConfig") -> None:
+        if config.labels:
+            raise ValueError("a conditioned forecaster (labels set) needs its class as input, which the shared training loop "
+                             "does not pass to a model; train it with bench/predict_quality.py --part conditioned")
+        self._split_counts(manifest_uri)
+
+    @staticmethod
+    def _split_counts(manifest_uri: str) -> dict[str, int]:
+        from rnnimg.manifest import read_table
+
+        table = read_table(manifest_uri, ("video_uri", "split"), purpose="task 'predict'")
+        counts: dict[str, int] = {}
+        for split in table["split"].to_pylist():
+            counts[split] = counts.get(split, 0) + 1
+        return counts
+
+    # ------------------------------------------------------------------ training
+
+    def training_rows(self, manifest_uri: str, split: str, config: "ForecasterConfig", *, rank: int = 0, world: int = 1,
+                      pad: bool = False) -> list[tuple[str, int]]:
+        """``(video_uri, class id)`` of rank ``rank``'s share of a split (class 0 for an unconditioned model)."""
+        from rnnimg.manifest import absolute_uri, manifest_folder, read_table, shard_rows
+
+        table = read_table(manifest_uri, ("video_uri", "split"), purpose="task 'predict'")
+        labels = table["label"].to_pylist() if "label" in table.column_names else [None] * table.num_rows
+        base = manifest_folder(manifest_uri)
+        index = {name: i for i, name in enumerate(config.labels)}
+        rows = []
+        for uri, row_split, label in zip(table["video_uri"].to_pylist(), table["split"].to_pylist(), labels):
+            if row_split != split or not uri:
+                continue
+            if config.labels and label not in index:
+                continue  # a conditioned model learns only from rows of its classes
+            rows.append((absolute_uri(uri, base), index.get(label, 0)))
+        return shard_rows(rows, rank, world, pad)
+
+    def blank_target(self, config: "ForecasterConfig") -> int:
+        return 0
+
+    def permute_frames(self, frames: np.ndarray, target, order: np.ndarray):
+        # The ablation shuffles the frames the model reads and must predict alike: the target is the clip.
+        return frames[order], target
+
+    def loss(self, outputs, targets, config: "ForecasterConfig"):
+        return loss_fn(outputs, config.context_frames)
+
+    def batch_stats(self, outputs, targets, config: "ForecasterConfig", loss=None) -> dict:
+        import torch
+
+        if loss is None:
+            loss = loss_fn(outputs, config.context_frames)
+        n = len(outputs.frames)
+        predicted = torch.sigmoid(outputs.logits.float())
+        return {"loss_sum": loss.detach().double() * n, "count": torch.tensor(n, device=outputs.frames.device),
+                **forecast_stats(predicted, outputs.frames.float(), config.context_frames)}
+
+    def summarize(self, stats: dict) -> dict:
+        count = max(int(stats["count"]), 1)
+        out = {"loss": float(stats["loss_sum"]) / count, "clips": int(stats["count"])}
+        for prefix in ("", "copy_last_", "mean_frame_"):
+            mse = np.asarray(stats[prefix + "mse"], dtype=np.float64) / count
+            out[prefix + "mse"] = float(mse.mean())
+            out[prefix + "ssim"] = float(np.asarray(stats[prefix + "ssim"], dtype=np.float64).mean() / count)
+            if not prefix:
+                out["mse_per_step"] = [round(float(v), 3) for v in mse]
+        out["mse_vs_copy_last"] = out["mse"] / out["copy_last_mse"] if out["copy_last_mse"] else float("nan")
+        return out
+
+    def evaluation(self, best_entry: dict, config: "ForecasterConfig") -> dict:
+        keys = ("mse", "ssim", "copy_last_mse", "copy_last_ssim", "mean_frame_mse", "mean_frame_ssim", "mse_vs_copy_last",
+                "mse_per_step", "loss", "clips")
+        return {"epoch": best_entry.get("epoch"), **{k: best_entry.get(f"val_{k}") for k in keys}}
+
+    def write_report(self, model_uri: str, evaluation: dict, history: list, best_metrics: dict, config: "ForecasterConfig", model_id: str, *,
+                     manifest_uri: str | None = None):
+        return write_report(model_uri, evaluation, history, best_metrics, config, model_id)
+
+    # ------------------------------------------------------------------ labelling
+
+    def clip_columns(self) -> dict[str, tuple[str, object]]:
+        return {"surprise": ("float32", np.nan)}
+
+    def predict(self, model, inputs, config: "ForecasterConfig") -> dict[str, np.ndarray]:
+        if config.labels:
+            raise ValueError("a conditioned forecaster needs a class per clip; label an archive with an unconditioned one")
+        return {"surprise": surprise(model(inputs), config.context_frames).cpu().numpy().astype(np.float32)}
+
+    def tables(self) -> dict:
+        return {"clips": tables.SURPRISE_CLIPS}
+
+    def shard_rows(self, clips: list[dict], run: dict, min_segment_seconds: float) -> dict[str, list[dict]]:
+        return {"clips": clips}

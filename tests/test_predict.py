@@ -1,0 +1,332 @@
+"""Task ``predict``: moving-digits synth, the encoder-forecaster, metrics, surprise rows, training and labelling."""
+
+import os
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from rnnimg import tables, tasks
+from rnnimg.models.forecaster import Forecast, Forecaster, ForecasterConfig, to_grey
+from rnnimg.tasks.digits_synth import (GLYPH, MOTION_CLASSES, Anomaly, DigitsSynthConfig, compose, make_archive, plan, render_glyph,
+                                       render_sequence, to_rgb, trajectory)
+from rnnimg.tasks.predict import forecast_stats, frame_mse, ssim
+from rnnimg.video.clips import ClipSpec, uniform_clips
+from rnnimg.video.decode import VideoReader
+
+TINY = dict(frame_size=32, frames_per_clip=6, context_frames=3, clip_seconds=0.6, stride_seconds=0.3, channels=[8], hidden=8, layers=1)
+
+
+@pytest.fixture(scope="module")
+def digits_archive(tmp_path_factory):
+    """8 sequences (6 train, 1 val, 1 test) + 1 unlabelled, 2 s at 10 fps, 64 x 64."""
+    root = str(tmp_path_factory.mktemp("digits"))
+    config = DigitsSynthConfig(videos=8, unlabelled=1, seed=5, val_fraction=0.125, test_fraction=0.125)
+    return root, make_archive(root, config, processes=1), config
+
+
+def task():
+    return tasks.get("predict")
+
+
+# ----------------------------------------------------------------------------- synthetic data
+
+
+def test_sequences_are_deterministic_two_digits_in_grey():
+    grey, label = render_sequence(np.random.default_rng(7))
+    again, again_label = render_sequence(np.random.default_rng(7))
+    np.testing.assert_array_equal(grey, again)
+    assert grey.shape == (20, 64, 64) and grey.dtype == np.uint8 and label == again_label and 0 <= label < len(MOTION_CLASSES)
+    assert grey.max() == 255 and (grey == 0).mean() > 0.6  # bright digits on black
+    glyph = render_glyph(3, np.random.default_rng(0))
+    assert glyph.shape == (GLYPH, GLYPH) and 0.0 <= glyph.min() and glyph.max() == 1.0
+    assert not glyph[:2].any() and not glyph[-2:].any()  # inside its box, a margin as in MNIST
+    with pytest.raises(ValueError, match="digit must be 0-9"):
+        render_glyph(10, np.random.default_rng(0))
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_bouncing_keeps_both_digits_inside_the_frame_at_constant_speed(seed):
+    positions, _ = trajectory(np.random.default_rng(seed), 300, 64)
+    limit = 64 - GLYPH
+    assert positions.min() >= 0 and positions.max() <= limit
+    steps = np.abs(np.diff(positions, axis=0))  # (299, 2, 2) per-axis moves
+    # Constant speed per axis, up to rounding and the fold at an edge: never more than speed + 1 pixel.
+    assert steps.max() <= 5
+    # Every axis of every digit turns around at least once in 300 frames (it bounces).
+    signs = np.sign(np.diff(positions, axis=0))
+    assert ((signs[1:] * signs[:-1]) < 0).any(axis=0).all()
+    # And turns only at an edge: a reversal happens within one step of 0 or the limit.
+    turns = np.argwhere((signs[1:] * signs[:-1]) < 0)
+    for t, digit, axis in turns:
+        assert min(positions[t + 1, digit, axis], limit - positions[t + 1, digit, axis]) <= 5
+
+
+def test_digits_combine_by_per_pixel_maximum():
+    a = np.zeros((4, 4), np.float32)
+    a[:2, :2] = 0.4
+    b = np.zeros((4, 4), np.float32)
+    b[:2, :2] = 0.7
+    b[3, 3] = 0.2
+    frames = compose([a, b], np.array([[[0, 0], [1, 1]]]), 8)  # b one pixel right and down of a
+    assert frames.shape == (1, 8, 8)
+    assert frames[0, 0, 0] == pytest.approx(0.4) and frames[0, 1, 1] == pytest.approx(0.7)  # overlap: the max, not 1.1
+    assert frames[0, 4, 4] == pytest.approx(0.2) and frames.sum() == pytest.approx(0.4 * 3 + 0.7 * 4 + 0.2)
+
+
+@pytest.mark.parametrize("label", range(4))
+def test_both_digits_start_in_the_direction_of_their_motion_class(label):
+    expected = {"down-right": (1, 1), "down-left": (-1, 1), "up-left": (-1, -1), "up-right": (1, -1)}[MOTION_CLASSES[label]]
+    checked = 0
+    for seed in range(40):
+        positions, got = trajectory(np.random.default_rng(seed), 4, 64, label=label)
+        assert got == label
+        for digit in range(2):
+            start = positions[0, digit]
+            if (start < 12).any() or (start > 64 - GLYPH - 12).any():
+                continue  # might bounce within 3 frames
+            assert tuple(np.sign(positions[3, digit] - start)) == expected
+            checked += 1
+    assert checked >= 10
+
+
+def test_anomalies_teleport_freeze_and_reverse_one_digit():
+    def run(anomaly):
+        return trajectory(np.random.default_rng(17), 20, 64, label=0, anomaly=anomaly)[0]
+
+    normal = run(None)
+    frozen = run(Anomaly("freeze", 10))
+    assert (frozen[10:, 0] == frozen[9, 0]).all() and (frozen[:, 1] == normal[:, 1]).all() and (frozen[:10] == normal[:10]).all()
+    jumped = run(Anomaly("teleport", 10))
+    assert np.abs(jumped[10, 0] - jumped[9, 0]).max() > 12 and (jumped[:10] == normal[:10]).all()
+    back = run(Anomaly("reverse", 10))
+    assert (back[:10] == normal[:10]).all()
+    # Turned back: from frame 10 on it moves against its way before (here far from any edge, so no bounce).
+    assert (normal[8:13, 0] > 8).all() and (normal[8:13, 0] < 64 - GLYPH - 8).all()
+    before, after = normal[9, 0] - normal[8, 0], back[11, 0] - back[10, 0]
+    assert (np.sign(after) == -np.sign(before)).all() and (np.abs(after + before) <= 1).all()
+    with pytest.raises(ValueError, match="anomaly kind"):
+        run(Anomaly("explode", 3))
+
+
+def test_archive_decodes_to_the_rendered_frames(digits_archive):
+    root, manifest, config = digits_archive
+    table = pq.read_table(manifest).to_pandas()
+    assert list(table.columns) == ["video_uri", "label", "split"]
+    assert table["split"].value_counts().to_dict() == {"train": 6, "val": 1, "test": 1, "unlabelled": 1}
+    assert set(table["label"].dropna()) <= set(MOTION_CLASSES) and table.loc[table["split"] == "unlabelled", "label"].isna().all()
+    videos = plan(root, config)
+    for split, uri, seed, label in videos[:2]:
+        assert table.loc[table["video_uri"] == uri, "label"].item() == MOTION_CLASSES[label]
+        grey, _ = render_sequence(np.random.default_rng(seed), config.frames, config.size, label)
+        with VideoReader(uri, (64, 64)) as reader:
+            assert reader.duration_s == pytest.approx(2.0, abs=0.05)
+            ((_, frames),) = list(reader.clips(uniform_clips(reader.duration_s, ClipSpec(2.0, 20, 1.0))))
+        # Near-lossless grey: every decoded frame within a few levels of the rendered one.
+        assert np.abs(frames.astype(int) - to_rgb(grey).astype(int)).max() <= 12
+
+
+# ----------------------------------------------------------------------------- model
+
+
+@pytest.mark.parametrize("rnn_type,channels,layers", [("lstm", (4, 8), 2), ("gru", (4,), 1)])
+def test_model_shapes_and_gradients(rnn_type, channels, layers):
+    config = ForecasterConfig(frame_size=16, frames_per_clip=6, context_frames=4, channels=channels, rnn_type=rnn_type, hidden=4, layers=layers)
+    model = task().build_model(config)
+    x = torch.rand(2, 6, 3, 16, 16) - 0.5
+    low = 16 // 2 ** len(channels)
+    assert model.forward_features(x).shape == (2, 2, 4, low, low)
+    out = model(x)
+    assert isinstance(out, Forecast) and out.logits.shape == (2, 2, 1, 16, 16) and out.frames.shape == (2, 6, 1, 16, 16)
+    loss = task().loss(out, torch.zeros(2, dtype=torch.long), config)
+    loss.backward()
+    assert torch.isfinite(loss) and all(p.grad is not None for p in model.parameters())
+    assert model.rollout(x[:, :4], 7).shape == (2, 7, 1, 16, 16)  # any horizon, from the context alone
+
+
+def test_the_forecast_never_sees_the_frames_it_predicts():
+    config = ForecasterConfig(**{**TINY, "channels": (8,)})
+    model = Forecaster(config).eval()
+    x = torch.rand(1, 6, 3, 32, 32) - 0.5
+    future_changed, context_changed = x.clone(), x.clone()
+    future_changed[:, 3:] = 0.5
+    context_changed[:, 1] = -0.5
+    with torch.no_grad():
+        assert torch.equal(model(x).logits, model(future_changed).logits)
+        assert not torch.equal(model(x).logits, model(context_changed).logits)
+
+
+def test_a_conditioned_model_takes_its_class_and_only_then():
+    config = ForecasterConfig(**{**TINY, "channels": (8,), "labels": MOTION_CLASSES})
+    model = Forecaster(config).eval()
+    x = torch.rand(2, 6, 3, 32, 32) - 0.5
+    with torch.no_grad():
+        a, b = model(x, torch.tensor([0, 0])).logits, model(x, torch.tensor([0, 2])).logits
+    assert torch.equal(a[0], b[0]) and not torch.equal(a[1], b[1])
+    with pytest.raises(ValueError, match="needs labels"):
+        model(x)
+    with pytest.raises(ValueError, match="takes no labels"):
+        Forecaster(ForecasterConfig(**{**TINY, "channels": (8,)}))(x, torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match="context_frames must be"):
+        ForecasterConfig(frames_per_clip=4, context_frames=4)
+
+
+def test_to_grey_maps_model_input_back_to_unit_range():
+    from rnnimg.models.layout import to_model_input
+
+    frames = np.zeros((1, 2, 2, 3), np.uint8)
+    frames[0, 0, 0] = 255
+    grey = to_grey(to_model_input(frames))
+    assert grey.shape == (1, 1, 1, 2, 2) and grey[0, 0, 0, 0, 0] == 1.0 and grey[0, 0, 0, 1, 1] == 0.0
+
+
+# ----------------------------------------------------------------------------- metrics
+
+
+def test_ssim_is_one_for_identical_frames_and_drops_with_damage():
+    rng = np.random.default_rng(0)
+    frames = torch.from_numpy(rng.random((3, 1, 32, 32)))
+    assert torch.allclose(ssim(frames, frames), torch.ones(3, dtype=torch.float64))
+    black = torch.zeros(1, 1, 32, 32)
+    assert ssim(black, black).item() == pytest.approx(1.0)
+    noisy = (frames + 0.2 * torch.from_numpy(rng.standard_normal((3, 1, 32, 32)))).clamp(0, 1)
+    assert (ssim(noisy, frames) < 0.9).all() and (ssim(1 - frames, frames) < 0).all()
+    assert ssim(frames, noisy).tolist() == pytest.approx(ssim(noisy, frames).tolist())  # symmetric
+
+
+def test_frame_mse_sums_squared_error_over_the_pixels():
+    truth = torch.zeros(2, 1, 8, 8)
+    truth[0, 0, :2, :5] = 1.0  # 10 bright pixels
+    predicted = torch.zeros(2, 1, 8, 8)
+    predicted[1] = 0.5  # 64 pixels off by 0.5
+    assert frame_mse(predicted, truth).tolist() == pytest.approx([10.0, 16.0])
+
+
+def test_baselines_on_hand_made_clips():
+    frames = torch.zeros(1, 5, 1, 16, 16)  # 3 context frames, 2 future
+    frames[0, 0, 0, 0, :4] = 1.0  # context frame 0: 4 pixels
+    frames[0, 2, 0, 5, :8] = 1.0  # the last context frame: 8 pixels
+    frames[0, 3:] = frames[0, 2]  # the future repeats it: copying it is exact
+    stats = forecast_stats(torch.zeros(1, 2, 1, 16, 16), frames, 3)
+    assert stats["copy_last_mse"].tolist() == [0.0, 0.0] and stats["copy_last_ssim"].tolist() == pytest.approx([1.0, 1.0])
+    assert stats["mse"].tolist() == [8.0, 8.0]  # all black against 8 bright pixels
+    # Mean of the context: the 8 pixels at 1/3 (error (2/3)^2 each), the other 4 at 1/3 (error (1/3)^2 each).
+    assert stats["mean_frame_mse"].tolist() == pytest.approx([8 * 4 / 9 + 4 / 9] * 2)
+    assert stats["ssim"].shape == (2,) and (stats["ssim"] < 1).all()
+
+
+def test_batch_stats_summarize_to_per_frame_mse_and_the_ratio():
+    config = ForecasterConfig(**{**TINY, "channels": (8,)})
+    frames = torch.zeros(2, 6, 1, 32, 32)
+    frames[:, :, :, 10:14, 10:14] = 1.0  # a still 4x4 square: 16 bright pixels per frame
+    logits = torch.full((2, 3, 1, 32, 32), -30.0)  # predicts black
+    summary = task().summarize(task().batch_stats(Forecast(logits, frames), torch.zeros(2), config))
+    assert summary["clips"] == 2 and summary["mse"] == pytest.approx(16.0) and summary["mse_per_step"] == [16.0] * 3
+    assert summary["copy_last_mse"] == 0.0 and summary["copy_last_ssim"] == pytest.approx(1.0) and summary["mean_frame_mse"] == 0.0
+    assert np.isnan(summary["mse_vs_copy_last"])  # no ratio to a perfect baseline
+    exact = torch.where(frames[:, 3:] > 0, 30.0, -30.0)
+    assert task().summarize(task().batch_stats(Forecast(exact, frames), torch.zeros(2), config))["mse"] == pytest.approx(0.0, abs=1e-9)
+
+
+# ----------------------------------------------------------------------------- config, predict, rows
+
+
+def test_model_config_follows_the_manifest_frame_rate(digits_archive, tmp_path):
+    _, manifest, _ = digits_archive
+    config = task().model_config(manifest)
+    assert (config.frames_per_clip, config.context_frames, config.clip_seconds, config.stride_seconds) == (20, 10, 2.0, 1.0)
+    short = task().model_config(manifest, frames_per_clip=8, rnn_hidden=16)
+    assert (short.context_frames, short.clip_seconds, short.stride_seconds, short.hidden) == (4, 0.8, 0.4, 16)
+    with pytest.raises(ValueError, match="unknown forecaster config keys"):
+        task().model_config(manifest, backbone="resnet18")
+    with pytest.raises(ValueError, match="shared training loop"):
+        task().check_training(manifest, ForecasterConfig(labels=MOTION_CLASSES))
+    rows = task().training_rows(manifest, "train", config)
+    assert len(rows) == 6 and {t for _, t in rows} == {0}
+    conditioned = task().training_rows(manifest, "train", ForecasterConfig(labels=MOTION_CLASSES))
+    table = pq.read_table(manifest).to_pandas().set_index("video_uri")
+    assert all(MOTION_CLASSES[t] == table.loc[uri, "label"] for uri, t in conditioned)
+
+
+def test_predict_gives_the_surprise_of_each_clip_and_rows_fit_the_table():
+    config = ForecasterConfig(**{**TINY, "channels": (8,)})
+    model = task().build_model(config).eval()
+    x = torch.rand(3, 6, 3, 32, 32) - 0.5
+    with torch.inference_mode():
+        out = task().predict(model, x, config)
+        expected = task().summarize(task().batch_stats(model(x[1:2]), torch.zeros(1), config))["mse"]
+    assert list(out) == list(task().clip_columns()) and out["surprise"].shape == (3,) and out["surprise"].dtype == np.float32
+    assert out["surprise"][1] == pytest.approx(expected, rel=1e-5)
+    clip = {"video_uri": "v.mp4", "clip_index": 0, "start_s": 0.0, "end_s": 0.6, "surprise": float(out["surprise"][0]), "model_id": "m",
+            "run_id": "r"}
+    rows = task().shard_rows([clip], {"model_id": "m", "run_id": "r"}, 0.0)
+    table = tables.table_from_rows(rows["clips"], task().tables()["clips"])
+    assert table.schema == tables.SURPRISE_CLIPS and table.column("surprise").to_pylist() == pytest.approx([clip["surprise"]])
+
+
+# ----------------------------------------------------------------------------- through Ray, and generate
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_train_through_ray_then_label_writes_surprise_rows_then_generate(ray_local, digits_archive, tmp_path):
+    from rnnimg.generate import from_video
+    from rnnimg.label import LabelConfig, label
+    from rnnimg.train import TrainConfig, train
+
+    root, manifest, _ = digits_archive
+    config = task().model_config(manifest, frame_size=32, frames_per_clip=6, channels=[8], hidden=8, layers=1)
+    result = train(manifest, str(tmp_path), "pred", TrainConfig(epochs=1, workers=1, batch_size=4, use_gpu=False), model_config=config,
+                   task="predict")
+    assert result.task == "predict" and result.metrics["val_mse"] > 0 and result.metrics["val_copy_last_mse"] > 0
+    assert result.evaluation["mse"] == result.metrics["val_mse"] and "copy the last input frame" in result.report_markdown
+    loaded_task, _, loaded_config, _ = tasks.load_model(result.model_uri)
+    assert loaded_task.name == "predict" and loaded_config == config
+
+    out = str(tmp_path / "labels")
+    videos = [os.path.join(root, "videos", "test"), os.path.join(root, "videos", "unlabelled")]
+    labelled = label(videos, result.model_uri, out, LabelConfig(videos_per_shard=1, batch_size=4))
+    assert (labelled.videos, labelled.ok) == (2, 2)
+    clips = pq.read_table(os.path.join(out, "clips"))
+    assert clips.schema.remove_metadata() == tables.SURPRISE_CLIPS
+    frame = clips.to_pandas()
+    # 2 s videos, 0.6 s clips every 0.3 s: 5 clips each; every surprise a finite, positive error.
+    assert len(frame) == 10 and sorted(frame["clip_index"].unique()) == list(range(5))
+    assert np.isfinite(frame["surprise"]).all() and (frame["surprise"] > 0).all()
+
+    video = os.path.join(root, "videos", "test", "test-00000.mp4")
+    written = from_video(result.model_uri, video, 1.2, str(tmp_path / "pred.mp4"))
+    assert (written["frames"], written["context_frames"], written["predicted_frames"]) == (12, 3, 9)
+    with VideoReader(written["out"]) as reader:
+        assert (reader.info.width, reader.info.height) == (66, 32) and reader.duration_s == pytest.approx(1.2, abs=0.15)
+
+
+def test_generate_with_a_conditioned_model_and_the_command_line_errors(tmp_path, capsys):
+    from rnnimg.cli import main
+    from rnnimg.generate import from_label, generate_clip
+    from tests.media import export_untrained_model
+
+    conditioned = export_untrained_model(str(tmp_path / "cond"), task="predict", **{**TINY, "labels": list(MOTION_CLASSES)})
+    written = from_label(conditioned, "up-left", 3, str(tmp_path / "gen.mp4"))
+    assert (written["frames"], written["context_frames"], written["label"]) == (6, 3, "up-left")
+    with VideoReader(written["out"]) as reader:
+        assert (reader.info.width, reader.info.height) == (32, 32) and reader.duration_s == pytest.approx(0.6, abs=0.15)
+    _, model, config, _ = tasks.load_model(conditioned)
+    first, again, other = generate_clip(model, config, 2, 3), generate_clip(model, config, 2, 3), generate_clip(model, config, 0, 3)
+    np.testing.assert_array_equal(first, again)  # the seed fixes the clip
+    assert first.shape == (6, 32, 32) and not np.array_equal(first[3:], other[3:])  # the class changes what is generated
+
+    plain = export_untrained_model(str(tmp_path / "plain"), task="predict", **TINY)
+    cases = [
+        (["generate", conditioned, "--label", "sideways", "--out", str(tmp_path / "x.mp4")], "label must be one of the model's classes"),
+        (["generate", plain, "--label", "up-left", "--out", str(tmp_path / "x.mp4")], "is not conditioned"),
+        (["generate", plain, "--from", str(tmp_path / "missing.mp4"), "--out", str(tmp_path / "x.mp4")], "cannot read"),
+        (["generate", plain, "--from", "v.mp4", "--seconds", "0.2", "--out", str(tmp_path / "x.mp4")], "more than the model's 3 context frames"),
+    ]
+    for argv, needle in cases:
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert needle in err and len(err.strip().splitlines()) == 1, err
+    with pytest.raises(SystemExit):
+        main(["generate", plain, "--from", "v.mp4", "--label", "up-left", "--out", "x.mp4"])  # one source only
