@@ -11,7 +11,7 @@ DEMO_OUT ?= demo-output
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export RAY_USAGE_STATS_ENABLED := 0
 
-.PHONY: setup demo test clean
+.PHONY: setup demo test test-cluster clean
 
 setup: $(STAMP)
 
@@ -25,7 +25,11 @@ demo: $(STAMP)
 	$(BIN)/python flows/demo.py --out $(DEMO_OUT)
 
 test: $(STAMP)
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -m "not cluster"
+
+# Multi-node Ray clusters started with `ray start` on this machine (a few minutes); CI runs it after `make test`.
+test-cluster: $(STAMP)
+	$(BIN)/python -m pytest -m cluster
 
 clean:
 	rm -rf $(VENV) $(DEMO_OUT) .pytest_cache

@@ -6,7 +6,12 @@ The data path:
 
     list the input -> deterministic shards -> probe headers, plan packs of work (Ray tasks)
         -> decode clips (a Ray task per pack, PyAV) -> Predictor (Ray actor pool, the model)
-        -> per-shard Parquet tables, committed atomically
+        -> part files of predicted rows, staged by the actors in the store
+        -> per-shard Parquet tables, committed atomically by a Ray task per shard
+
+The driver reads the listing, plans shards and counts small records (which clips of which
+video range are in which part, and each range's status): no clip row ever reaches it, so
+one driver keeps up with a cluster.
 
 Everything task-specific comes from the model: its ``config.json`` names its task
 (``rnnimg.tasks``), which says what the model adds to each clip row and which tables a shard
@@ -19,9 +24,10 @@ Every video ends as one row of the videos table: ``ok``, ``partial`` (decoding s
 error; the clips before it are kept) or ``failed`` (the reason in ``error``). A broken video
 never stops the job.
 
-A shard's two table files are written first and its completion record last
-(``OUT/_commits``); rerunning the same command skips committed shards and rewrites any
-shard that had not committed, under the same file names, so no row is written twice.
+A shard's table files are written first and its completion record last (``OUT/_commits``),
+then its parts (``OUT/_parts/shard-NNNNN/``) are removed. Rerunning the same command skips
+committed shards and rewrites any shard that had not committed, under the same file names, so
+no row is written twice.
 See ``rnnimg.tables`` for the store layout and schemas.
 """
 
@@ -42,7 +48,7 @@ from rnnimg import checkpoint, storage, tables, tasks
 from rnnimg.manifest import VideoRow, list_inputs, shards
 from rnnimg.models.precision import check_precision
 from rnnimg.store_lock import StoreLock
-from rnnimg.video.clips import ClipSpec, clip_count, uniform_clips
+from rnnimg.video.clips import Clip, ClipSpec, clip_count, uniform_clips
 
 log = logging.getLogger("rnnimg.label")
 
@@ -62,6 +68,7 @@ class LabelConfig:
     range_seconds: float = 600.0  # work per decode task: longer videos are split into ranges of this many seconds, shorter ones packed
     min_segment_seconds: float = 0.0  # segments shorter than this are absorbed by a neighbour (0: off)
     precision: str = "auto"  # model precision: "bf16" autocast, "fp32", or "auto" (bf16 on GPU, fp32 on CPU), as in training
+    embeddings: bool = False  # also write each clip's recurrent features (float16) in the task's embedding table
 
     def __post_init__(self) -> None:
         for name in ("videos_per_shard", "batch_size", "actors"):
@@ -88,13 +95,15 @@ class LabelError(RuntimeError):
 # ----------------------------------------------------------------------------- decode (Ray tasks)
 
 
-def plan_video(row: dict, spec: dict, range_seconds: float) -> list[dict]:
+def plan_video(row: dict, spec: dict, range_seconds: float, stills: bool = False) -> list[dict]:
     """One input video -> its work units (time ranges of whole clips).
 
     Opens the video's header only (no decoding) to read its duration, plans the clips and
     cuts them into ranges of about ``range_seconds``, so that one long video spreads over many
     decode tasks. A video that cannot be opened, or that the listing refused (a remote manifest's
     URI outside its bucket), becomes one unit carrying the error; a refused one is never opened.
+    A still image is one clip when the model labels stills (``stills``), else a unit carrying
+    the error ``needs_video``.
     """
     from rnnimg.video.decode import VideoError, VideoReader
 
@@ -105,12 +114,18 @@ def plan_video(row: dict, spec: dict, range_seconds: float) -> list[dict]:
         return [{**unit, "error_type": "refused", "error": str(row["refused"])}]
     try:
         with VideoReader(unit["video_uri"]) as reader:
-            duration = reader.duration_s
+            duration, info = reader.duration_s, reader.info
     except VideoError as err:
         return [{**unit, "error_type": err.error_type, "error": err.message}]
     except Exception as err:  # noqa: BLE001 - one bad video must never stop the job: record it instead
         log.exception("unexpected error opening %s", unit["video_uri"])
         return [{**unit, "error_type": "unexpected", "error": f"{unit['video_uri']}: {type(err).__name__}: {err}"[:500]}]
+    if info.still:
+        if not stills:
+            return [{**unit, "duration_s": 0.0, "error_type": "needs_video",
+                     "error": f"{unit['video_uri']}: a still image ({info.codec}, {info.width}x{info.height}); this model needs video "
+                              f"({clip_spec.frames_per_clip} frames over {clip_spec.clip_seconds:g} s per clip)"}]
+        return [{**unit, "duration_s": 0.0, "clip_stop": 1, "still": True}]
     n_clips = clip_count(duration, clip_spec)  # arithmetic: a plan is built per range, in the range's task
     if n_clips == 0:
         return [{**unit, "duration_s": duration, "error_type": "empty", "error": f"{unit['video_uri']}: the video stream has no duration (no frames)"}]
@@ -142,7 +157,7 @@ def pack_units(units: list[dict], stride_seconds: float, pack_seconds: float) ->
     return packs
 
 
-def plan_videos(batch: dict, spec: dict, range_seconds: float, threads: int = 8) -> dict:
+def plan_videos(batch: dict, spec: dict, range_seconds: float, threads: int = 8, stills: bool = False) -> dict:
     """Ray Data UDF: a block of listed videos -> packs of work units (one JSON list per row).
 
     The headers are opened in a few threads: on an object store each open waits on requests.
@@ -151,7 +166,7 @@ def plan_videos(batch: dict, spec: dict, range_seconds: float, threads: int = 8)
 
     rows = [{"shard": s, "video_uri": u, "refused": r} for s, u, r in zip(batch["shard"], batch["video_uri"], batch["refused"])]
     with ThreadPoolExecutor(max(1, min(threads, len(rows)))) as pool:
-        units = [u for planned in pool.map(lambda r: plan_video(r, spec, range_seconds), rows) for u in planned]
+        units = [u for planned in pool.map(lambda r: plan_video(r, spec, range_seconds, stills), rows) for u in planned]
     packs = pack_units(units, float(spec["stride_seconds"]), range_seconds)
     return {"pack": np.array([json.dumps(p) for p in packs], dtype=object)}
 
@@ -232,7 +247,13 @@ def _decode_unit(unit: dict, clip_spec: ClipSpec, frame_size: int, rows: _ClipRo
     try:
         with VideoReader(video_uri, (frame_size, frame_size)) as reader:
             duration = reader.duration_s
-            plan = uniform_clips(duration, clip_spec, unit.get("clip_start", 0), unit.get("clip_stop"))
+            if reader.info.still:  # planned as a still (plan_video refused it otherwise): one clip, its frame at time 0
+                duration = 0.0
+                plan = [Clip(0, 0.0, 0.0, (0.0,) * clip_spec.frames_per_clip)] if unit.get("still") else []
+                if not plan:
+                    raise VideoError("needs_video", f"{video_uri}: a still image; this model needs video")
+            else:
+                plan = uniform_clips(duration, clip_spec, unit.get("clip_start", 0), unit.get("clip_stop"))
             if not plan:
                 raise VideoError("empty", f"{video_uri}: the video stream has no duration (no frames)")
             for clip, frames in reader.clips(plan):
@@ -285,11 +306,14 @@ class Predictor:
     """Runs the model on batches of clips: dict of ndarrays in, dict of ndarrays out.
 
     Status rows pass through untouched; clip rows get the columns the model's task predicts
-    (classification: ``label`` and ``score``). The frames column is dropped, so only small rows
-    travel back to the driver. Precision follows the training rule (``rnnimg.models.precision``).
+    (classification: ``label`` and ``score``). The frames column is dropped. With ``parts_out``
+    the clip rows go no further than this actor: they are written to the store as part files
+    (``stage_parts``) and only small records travel on to the driver. Precision follows the
+    training rule (``rnnimg.models.precision``).
     """
 
-    def __init__(self, model_uri: str, device: str | None = None, threads: int | None = None, precision: str = "auto"):
+    def __init__(self, model_uri: str, device: str | None = None, threads: int | None = None, precision: str = "auto",
+                 parts_out: str | None = None, embeddings: bool = False):
         import torch
 
         from rnnimg.models.precision import autocast_dtype
@@ -299,7 +323,11 @@ class Predictor:
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.task, self.model, self.config, self.model_id = tasks.load_model(model_uri, self.device)
         self.amp_dtype = autocast_dtype(precision, self.device)
-        self.columns = self.task.clip_columns()
+        self.columns = dict(self.task.clip_columns())
+        self.embeddings = embeddings
+        if embeddings:
+            self.columns["embedding"] = ("object", None)
+        self.parts_out = parts_out
 
     @classmethod
     def from_checkpoint(cls, model_uri: str, **kwargs) -> "Predictor":
@@ -319,10 +347,121 @@ class Predictor:
             device_type = torch.device(self.device).type
             with torch.inference_mode(), torch.autocast(device_type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None):
                 frames = torch.from_numpy(batch["frames"][todo]).to(self.device, non_blocking=True)  # uint8 (N, T, H, W, C)
-                predicted = self.task.predict(self.model, to_model_input(frames), self.config)  # -> (N, T, C, H, W) float
+                options = {"embeddings": True} if self.embeddings else {}  # (N, D) float16 features as "embedding"
+                predicted = self.task.predict(self.model, to_model_input(frames), self.config, **options)  # -> (N, T, C, H, W) float
             for name, values in predicted.items():
+                if name == "embedding":
+                    values = list(np.asarray(values, np.float16))  # one (D,) array per clip, in an object column
                 out[name][todo] = values
+        if self.parts_out is not None:
+            return stage_parts(out, self.parts_out, list(self.columns))
         return out
+
+
+# ----------------------------------------------------------------------------- shard writes (on the workers)
+
+PARTS = "_parts"  # OUT/_parts/shard-NNNNN/<uuid>.parquet: a shard's predicted clip rows until it commits
+PART_COLUMNS = ("video_uri", "range_index", "clip_index", "start_s", "end_s")  # besides the task's clip columns
+RECORD_COLUMNS = ("shard", "video_uri", "range_index", "ranges_total", "is_status", "status", "error_type", "error", "duration_s",
+                  "clips", "clip_indices", "part")
+
+
+def parts_folder(out: str, shard: int) -> str:
+    return storage.join(out, PARTS, f"shard-{shard:05d}")
+
+
+def stage_parts(batch: dict, out: str, columns: list[str]) -> dict:
+    """Predicted rows -> part files in the store, and the small records the driver needs.
+
+    The clip rows of each shard in the batch become one Parquet part file under
+    ``parts_folder(out, shard)`` (a fresh name: a retried task writes a new file, never over
+    another's). The records returned are the batch's status rows as they are, plus one record per
+    (shard, video, range) of clip rows: which clip indices it holds (``clip_indices``, JSON) and in
+    which ``part``. No clip row leaves the worker; the driver counts and the shard's committer
+    (``commit_shard``) reads the parts.
+    """
+    import pyarrow as pa
+
+    is_status = np.asarray(batch["is_status"], bool)
+    records: dict[str, list] = {name: [] for name in RECORD_COLUMNS}
+
+    def add(**row) -> None:
+        for name in RECORD_COLUMNS:
+            records[name].append(row[name])
+
+    for j in np.flatnonzero(is_status):
+        add(**{name: batch[name][j] for name in RECORD_COLUMNS[:-2]}, clip_indices="", part="")
+    clip_rows = np.flatnonzero(~is_status)
+    shard_of = np.asarray(batch["shard"], np.int64)
+    for shard in np.unique(shard_of[clip_rows]):
+        rows = clip_rows[shard_of[clip_rows] == shard]
+        part = storage.join(parts_folder(out, int(shard)), f"{uuid.uuid4().hex}.parquet")
+        table = {name: pa.array(np.asarray(batch[name])[rows].tolist()) for name in (*PART_COLUMNS, *columns)}
+        # Scratch until the shard commits: atomic, not fsynced (a part lost to a power cut leaves
+        # its shard uncommitted, and the rerun redoes it).
+        storage.write_table(pa.table(table), part, durable=False)
+        groups: dict[tuple[str, int], list[int]] = {}
+        for j in rows:
+            groups.setdefault((str(batch["video_uri"][j]), int(batch["range_index"][j])), []).append(int(batch["clip_index"][j]))
+        for (uri, range_index), indices in groups.items():
+            add(shard=int(shard), video_uri=uri, range_index=range_index, ranges_total=0, is_status=False, status="", error_type="",
+                error="", duration_s=np.nan, clips=len(indices), clip_indices=json.dumps(sorted(indices)), part=part)
+    return {
+        "shard": np.array(records["shard"], np.int64),
+        "video_uri": np.array(records["video_uri"], dtype=object),
+        "range_index": np.array(records["range_index"], np.int64),
+        "ranges_total": np.array(records["ranges_total"], np.int64),
+        "is_status": np.array(records["is_status"], bool),
+        "status": np.array(records["status"], dtype=object),
+        "error_type": np.array(records["error_type"], dtype=object),
+        "error": np.array(records["error"], dtype=object),
+        "duration_s": np.array(records["duration_s"], np.float64),
+        "clips": np.array(records["clips"], np.int64),
+        "clip_indices": np.array(records["clip_indices"], dtype=object),
+        "part": np.array(records["part"], dtype=object),
+    }
+
+
+def commit_shard(out: str, shard: int, run: dict, task_name: str, parts: list[str], videos: list[dict], min_segment_seconds: float,
+                 fence=None) -> dict:
+    """Commit one complete shard from its part files: read them, keep each clip once, write the
+    task's tables and ``videos``, then the completion record; remove the parts. Runs on a worker
+    (a Ray task of the label job) or in the caller's process.
+
+    Args:
+        parts: the part files the driver's records named for this shard (a part of a crashed
+            earlier attempt is never read: only named ones are).
+        videos: the shard's ``videos`` rows (from the status records).
+        fence: the run's ``rnnimg.store_lock.Fence``, checked before anything is written.
+
+    Returns:
+        The completion record.
+
+    Raises:
+        LockLost: another run took the output over (nothing written).
+    """
+    import pyarrow as pa
+
+    if storage.exists(_commit_uri(out, shard)):  # a retry of a commit that had finished
+        return storage.read_json(_commit_uri(out, shard))
+    task = tasks.get(task_name)
+    seen: set[tuple[str, int]] = set()
+    clips: list[dict] = []
+    meta = {"run_id": run["run_id"], "model_id": run["model_id"]}
+    read = [storage.read_table(p) for p in parts]
+    columns = [c for c in (read[0].column_names if read else []) if c not in PART_COLUMNS]  # the task's, and "embedding"
+    for row in (pa.concat_tables(read).to_pylist() if read else []):
+        key = (row["video_uri"], row["clip_index"])
+        if key in seen:
+            continue  # the same clip from a task Ray retried
+        seen.add(key)
+        clips.append({"video_uri": key[0], "clip_index": key[1], "start_s": row["start_s"], "end_s": row["end_s"],
+                      **{name: row[name] for name in columns}, **meta})
+    if fence is not None:
+        fence.check()
+    record = _commit_shard(out, shard, run, task, clips, videos, min_segment_seconds)
+    storage.delete(parts_folder(out, shard))
+    return record
 
 
 # ----------------------------------------------------------------------------- the job
@@ -351,7 +490,8 @@ class LabelResult:
 
 
 def _run_config(out: str, run_id: str | None, model: checkpoint.ExportedModel, spec: ClipSpec, config: LabelConfig, videos: list[str],
-                splits: list[str] | None, allow_prefixes: list[str] | None, extensions: list[str] | None) -> dict:
+                splits: list[str] | None, allow_prefixes: list[str] | None, extensions: list[str] | None,
+                embedding_size: int | None = None) -> dict:
     """The run's identity: reuse the one in ``OUT`` (resume) or start a new one.
 
     A rerun into ``OUT`` must be the same run: the same model, clip plan, shard size, inputs,
@@ -362,11 +502,12 @@ def _run_config(out: str, run_id: str | None, model: checkpoint.ExportedModel, s
     wanted = {"model_id": model.model_id, "task": model.task, "clip_spec": spec.to_dict(), "videos_per_shard": config.videos_per_shard,
               "videos": [storage.normalize(v) for v in videos], "splits": sorted(splits) if splits else None,
               "min_segment_seconds": config.min_segment_seconds, "allow_prefixes": sorted(allow_prefixes) if allow_prefixes else None,
-              "extensions": sorted(extensions) if extensions else None}
+              "extensions": sorted(extensions) if extensions else None, "embeddings": config.embeddings,
+              "embedding_size": embedding_size if config.embeddings else None}
     if storage.exists(path):
         # Keys a run written by an earlier version lacks take the value that version used.
         existing = {"task": checkpoint.DEFAULT_TASK, "splits": None, "min_segment_seconds": 0.0, "allow_prefixes": None, "extensions": None,
-                    **storage.read_json(path)}
+                    "embeddings": False, "embedding_size": None, **storage.read_json(path)}
         differ = [k for k in wanted if existing.get(k) != wanted[k]]
         if differ:
             what = "; ".join(f"{k} {existing.get(k)!r} there, {wanted[k]!r} now" for k in differ)
@@ -380,7 +521,7 @@ def _run_config(out: str, run_id: str | None, model: checkpoint.ExportedModel, s
 
 
 def _input_rows(out: str, videos: list[str], splits: list[str] | None, allow_prefixes: list[str] | None, extensions: list[str] | None,
-                listing: list[VideoRow] | None) -> tuple[list[VideoRow], dict]:
+                listing: list[VideoRow] | None, stills: bool = False) -> tuple[list[VideoRow], dict]:
     """The run's input listing and what the listing left out: made once, then read back on every resume."""
     import pyarrow as pa
 
@@ -391,7 +532,7 @@ def _input_rows(out: str, videos: list[str], splits: list[str] | None, allow_pre
         left_out = storage.read_json(left_out_path) if storage.exists(left_out_path) else {"by_extension": {}, "examples": []}
         return rows, left_out
     if listing is None:
-        listed = list_inputs(videos, splits, allow_prefixes=allow_prefixes, extensions=extensions)
+        listed = list_inputs(videos, splits, allow_prefixes=allow_prefixes, extensions=extensions, stills=stills)
         rows, left_out = listed.rows, {"by_extension": listed.skipped, "examples": listed.skipped_examples}
     else:
         rows, left_out = list(listing), {"by_extension": {}, "examples": []}
@@ -427,7 +568,8 @@ def label(
         allow_prefixes: locations a manifest may name besides its own bucket (an ``s3://``
             manifest names only its own bucket by default; others become ``refused`` rows).
         extensions: file extensions that are videos in a folder listing (default: what the
-            installed FFmpeg demuxes as video); what a listing leaves out is counted in the result.
+            installed FFmpeg demuxes as video, and still images when the model labels them, see
+            ``Task.needs_video``); what a listing leaves out is counted in the result.
         listing: the input already listed, used as is (the ``label-videos`` flow's delta, which
             it listed under the same rules); ``videos`` then only names the run.
         lock_stale_seconds: a lock on ``out`` not refreshed for this long is taken over (a holder
@@ -447,6 +589,9 @@ def label(
     except (checkpoint.ModelNotFound, ValueError) as err:
         raise LabelError(str(err)) from err
     spec = ClipSpec(model_config.clip_seconds, model_config.frames_per_clip, config.stride_seconds or model_config.stride_seconds)
+    if config.embeddings and not task.embedding_table:
+        raise LabelError(f"the model's task {task.name!r} writes no clip embeddings (--embeddings is for: "
+                         f"{', '.join(n for n in tasks.names() if tasks.get(n).embedding_table) or 'no task'})")
     with StoreLock(out, owner or f"rnnimg label (pid {os.getpid()})", stale_after_s=lock_stale_seconds) as lock:
         return _label_locked(videos, model, task, model_config, spec, out, config, splits, run_id, ray_address, lock, started,
                              allow_prefixes, extensions, listing)
@@ -463,8 +608,10 @@ def _label_locked(videos: list[str], model: checkpoint.ExportedModel, task: task
     from rnnimg.runtime import ensure_ray
 
     model_uri = model.uri
-    run = _run_config(out, run_id, model, spec, config, videos, splits, allow_prefixes, extensions)
-    rows, left_out = _input_rows(out, videos, splits, allow_prefixes, extensions, listing)
+    embedding_size = task.embedding_size(model_config) if config.embeddings else None
+    run = _run_config(out, run_id, model, spec, config, videos, splits, allow_prefixes, extensions, embedding_size)
+    stills = not task.needs_video(model_config)
+    rows, left_out = _input_rows(out, videos, splits, allow_prefixes, extensions, listing, stills)
     if left_out["by_extension"]:
         log.warning("the listing left out %d files that are not videos by their extension: %s (e.g. %s)", sum(left_out["by_extension"].values()),
                     left_out["by_extension"], ", ".join(left_out["examples"][:3]))
@@ -476,10 +623,20 @@ def _label_locked(videos: list[str], model: checkpoint.ExportedModel, task: task
 
     if pending:
         # A run killed mid-write leaves temporaries next to the tables: clear them before redoing.
-        for table in (*task.tables(), "videos", "_commits"):
+        for table in (*run_tables(task, run), "videos", "_commits"):
             storage.remove_temporaries(storage.join(out, table))
+        for shard in pending:  # parts an interrupted invocation staged: never read, since no record of this one names them
+            storage.delete(parts_folder(out, shard))
         ensure_ray(ray_address)
-        items = [{"shard": i, "video_uri": row.video_uri, "refused": row.refused} for i in pending for row in all_shards[i]]
+        if not storage.is_s3(out) and sum(1 for node in ray.nodes() if node.get("Alive")) > 1:
+            log.warning("%s is a local folder and the Ray cluster has several nodes: the model actors and committers write "
+                        "there on whichever node they run, so it must be a filesystem every node shares (else use s3://)", out)
+        import pyarrow as pa
+
+        # The pending videos as Arrow columns (a million URIs is tens of MB, not a million dicts).
+        items = pa.table({"shard": pa.array([i for i in pending for _ in all_shards[i]], pa.int64()),
+                          "video_uri": pa.array([row.video_uri for i in pending for row in all_shards[i]], pa.string()),
+                          "refused": pa.array([row.refused for i in pending for row in all_shards[i]], pa.string())})
         resources = ray.cluster_resources()
         gpus = config.gpus_per_actor
         if gpus == 0 and resources.get("GPU", 0) >= 1:
@@ -491,7 +648,7 @@ def _label_locked(videos: list[str], model: checkpoint.ExportedModel, task: task
         # video cut into ranges, short videos grouped, about range_seconds per pack. Blocks are
         # sized so that even a small archive makes a few packs per decoder.
         decoders = max(1, int(resources.get("CPU", 1) // config.decode_cpus))
-        per_probe = max(1, min(64, -(-len(items) // (2 * decoders))))
+        per_probe = max(1, min(64, -(-items.num_rows // (2 * decoders))))
         # A block per batch of clips, so the model sees a task's clips while it still decodes
         # (Ray Data's default would gather up to 128 MiB of them first). The dataset keeps its own
         # copy of the context, taken when it is created; the caller's is restored.
@@ -500,10 +657,11 @@ def _label_locked(videos: list[str], model: checkpoint.ExportedModel, task: task
         frame_bytes = spec.frames_per_clip * model_config.frame_size**2 * 3
         context.target_max_block_size = max(64 * 1024, int(0.9 * config.batch_size * frame_bytes))
         try:
-            ds = ray.data.from_items(items, override_num_blocks=-(-len(items) // per_probe))
+            ds = ray.data.from_arrow([items.slice(start, per_probe) for start in range(0, items.num_rows, per_probe)])
         finally:
             context.target_max_block_size = saved_block_size
-        ds = ds.map_batches(plan_videos, batch_size=None, fn_kwargs={"spec": spec.to_dict(), "range_seconds": config.range_seconds},
+        ds = ds.map_batches(plan_videos, batch_size=None,
+                            fn_kwargs={"spec": spec.to_dict(), "range_seconds": config.range_seconds, "stills": stills},
                             num_cpus=config.decode_cpus)
         # One pack per block, streaming (no barrier): each pack is its own decode task.
         ds = ds.repartition(target_num_rows_per_block=1)
@@ -518,14 +676,28 @@ def _label_locked(videos: list[str], model: checkpoint.ExportedModel, task: task
         )
         ds = ds.map_batches(
             Predictor,
-            fn_constructor_kwargs={"model_uri": model_uri, "threads": max(1, int(actor_cpus)), "precision": config.precision},
+            fn_constructor_kwargs={"model_uri": model_uri, "threads": max(1, int(actor_cpus)), "precision": config.precision,
+                                   "parts_out": out, "embeddings": config.embeddings},
             compute=ActorPoolStrategy(size=config.actors),
             batch_size=config.batch_size,
             num_cpus=actor_cpus,
             num_gpus=gpus,
         )
+        # Each shard is committed on the workers, from the parts the model actors staged, by a
+        # few long-lived committer actors (a task per shard would start a worker process per
+        # commit): the driver only counts records. A committer lost with its node is restarted
+        # and its call retried; a commit is idempotent.
+        committers = [_committer_class().options(num_cpus=0.05, max_restarts=-1, max_task_retries=3).remote()
+                      for _ in range(max(1, config.actors))]
+        turn = iter(range(1 << 62))
+
+        def submit(*args):
+            return committers[next(turn) % len(committers)].commit.remote(*args)
+
         commit_stream(ds.iter_batches(batch_size=None, batch_format="numpy"), out, run, task, all_shards, pending,
-                      config.min_segment_seconds, lock)
+                      config.min_segment_seconds, lock, submit=submit)
+        for committer in committers:
+            ray.kill(committer)
 
     timings["pipeline"] = time.perf_counter() - started - timings["plan"]
     result = _summarize(out, run, task, rows, left_out, len(pending), len(committed), started, timings)
@@ -549,50 +721,72 @@ def _commit_uri(out: str, shard: int) -> str:
     return storage.join(out, "_commits", f"shard-{shard:05d}.json")
 
 
-def commit_stream(batches, out: str, run: dict, task: tasks.Task, all_shards: list[list[VideoRow]], pending: list[int],
-                  min_segment_seconds: float, lock: StoreLock) -> None:
-    """Collect predicted rows, in any order; commit each shard as soon as all of its rows are in.
+def _committer_class():
+    import ray
 
+    @ray.remote
+    class ShardCommitter:
+        """Commits shards (``commit_shard``) on a worker; long-lived, so its imports are paid once."""
+
+        def commit(self, *args) -> dict:
+            return commit_shard(*args)
+
+    return ShardCommitter
+
+
+def commit_stream(records, out: str, run: dict, task: tasks.Task, all_shards: list[list[VideoRow]], pending: list[int],
+                  min_segment_seconds: float, lock: StoreLock, submit=None) -> list[dict]:
+    """Follow the workers' records, in any order; commit each shard as soon as all of its rows are in.
+
+    The records are ``stage_parts``'s: status rows, and per (shard, video, range) which clip
+    indices were written to which part file. The driver never sees a clip row: it counts.
     Ray Data hands batches over in completion order, and with several model replicas a video's
-    status row can overtake its clip batches. So a range of a video is complete only when its
-    status row is in (it says how many clips the range decoded) *and* that many distinct clip
-    rows of the range are in; a video is complete when all its ranges are; a shard when all its
-    videos are. Correctness does not rest on block order.
-
-    Rows are keyed (clip: video + clip index; status: video + range), so a row that arrives
-    twice, e.g. from a task Ray retried, is stored once; one arriving after its shard committed
-    can only be such a duplicate, and is dropped. Before each commit the run checks that it
-    still holds the output's lock (``LockLost`` stops it before it writes).
+    status row can overtake its clips. So a range of a video is complete only when its status
+    row is in (it says how many clips the range decoded) *and* that many distinct clip indices
+    of the range are; a video is complete when all its ranges are; a shard when all its videos
+    are. Correctness does not rest on block order. A record that arrives twice (a task Ray
+    retried wrote its part twice) adds no index; ``commit_shard`` keeps each clip once.
 
     Args:
-        batches: dicts of numpy columns (``Predictor`` output), in any order.
+        records: dicts of numpy columns (``RECORD_COLUMNS``), in any order.
+        submit: ``submit(out, shard, run, task_name, parts, videos, min_segment_seconds, fence)``
+            -> a handle whose commit ``wait`` resolves (a Ray task on the workers); None commits
+            in this process.
+
+    Returns:
+        The completion records of the shards committed.
 
     Raises:
         RuntimeError: the stream ended with a shard still incomplete.
         LockLost: another run took the output over.
     """
-    waiting = {i: {row.video_uri for row in all_shards[i]} for i in pending}  # videos not complete yet, per shard
-    clips: dict[int, dict[tuple[str, int], dict]] = {i: {} for i in pending}
-    clip_ranges: dict[tuple[str, int], set[int]] = {}  # (video, range) -> clip indices received
-    ranges: dict[int, dict[str, dict[int, dict]]] = {i: {} for i in pending}
+    # Videos not complete yet, per shard: made when the shard's first record comes, so the driver
+    # holds sets only for the shards in flight.
+    waiting: dict[int, set[str] | None] = dict.fromkeys(pending)
+    parts: dict[int, set[str]] = {}
+    clip_ranges: dict[tuple[str, int], set[int]] = {}  # (video, range) -> clip indices recorded
+    ranges: dict[int, dict[str, dict[int, dict]]] = {}
     meta = {"run_id": run["run_id"], "model_id": run["model_id"]}
-    predicted = list(task.clip_columns())
+    fence = lock.fence()
+    handles = []
 
     def complete(shard: int, uri: str) -> bool:
-        parts = ranges[shard].get(uri, {})
-        if not parts or len(parts) < next(iter(parts.values()))["ranges_total"]:
+        status = ranges.get(shard, {}).get(uri, {})
+        if not status or len(status) < next(iter(status.values()))["ranges_total"]:
             return False
-        return all(len(clip_ranges.get((uri, r), ())) >= part["clips"] for r, part in parts.items())
+        return all(len(clip_ranges.get((uri, r), ())) >= part["clips"] for r, part in status.items())
 
-    for batch in batches:
+    for batch in records:
         for j in range(len(batch["video_uri"])):
             shard, uri = int(batch["shard"][j]), str(batch["video_uri"][j])
             if shard not in waiting:
-                continue  # a late duplicate of a row of an already committed shard
+                continue  # a late duplicate of a record of an already committed shard
+            if waiting[shard] is None:
+                waiting[shard] = {row.video_uri for row in all_shards[shard]}
             range_index = int(batch["range_index"][j])
             if batch["is_status"][j]:
                 duration = float(batch["duration_s"][j])
-                ranges[shard].setdefault(uri, {})[range_index] = {
+                ranges.setdefault(shard, {}).setdefault(uri, {})[range_index] = {
                     "status": str(batch["status"][j]),
                     "clips": int(batch["clips"][j]),
                     "error_type": str(batch["error_type"][j]) or None,
@@ -601,35 +795,35 @@ def commit_stream(batches, out: str, run: dict, task: tasks.Task, all_shards: li
                     "ranges_total": int(batch["ranges_total"][j]),
                 }
             else:
-                key = (uri, int(batch["clip_index"][j]))
-                clips[shard][key] = {
-                    "video_uri": uri,
-                    "clip_index": key[1],
-                    "start_s": float(batch["start_s"][j]),
-                    "end_s": float(batch["end_s"][j]),
-                    **{name: _scalar(batch[name][j]) for name in predicted},
-                    **meta,
-                }
-                clip_ranges.setdefault((uri, range_index), set()).add(key[1])
+                clip_ranges.setdefault((uri, range_index), set()).update(json.loads(str(batch["clip_indices"][j])))
+                parts.setdefault(shard, set()).add(str(batch["part"][j]))
             if uri in waiting[shard] and complete(shard, uri):
                 waiting[shard].discard(uri)
             if not waiting[shard]:
-                shard_ranges = ranges.pop(shard)
+                shard_ranges = ranges.pop(shard, {})
                 attempts = {row.video_uri: row.attempt for row in all_shards[shard]}
-                videos = [_video_row(video, parts, {**meta, "attempt": attempts[video]}) for video, parts in shard_ranges.items()]
+                videos = [_video_row(video, status, {**meta, "attempt": attempts[video]}) for video, status in shard_ranges.items()]
                 lock.check()
-                _commit_shard(out, shard, run, task, list(clips.pop(shard).values()), videos, min_segment_seconds)
+                args = (out, shard, run, task.name, sorted(parts.pop(shard, ())), videos, min_segment_seconds, fence)
+                handles.append(submit(*args) if submit is not None else commit_shard(*args))
                 waiting.pop(shard)
-                for video, parts in shard_ranges.items():  # the driver holds only shards in flight
-                    for r in parts:
+                for video, status in shard_ranges.items():  # the driver holds only shards in flight
+                    for r in status:
                         clip_ranges.pop((video, r), None)
+    if submit is not None:
+        handles = _wait_commits(handles)
     if waiting:
         raise RuntimeError(f"the pipeline ended with shards {sorted(waiting)} incomplete")
+    return handles
 
 
-def _scalar(value):
-    """A numpy scalar as the Python value a table row holds (strings pass as they are)."""
-    return value.item() if isinstance(value, np.generic) else value
+def _wait_commits(handles: list) -> list:
+    """The committers' results: Ray object refs resolved (a failed commit raises here), anything else as it is."""
+    import ray
+
+    refs = [h for h in handles if isinstance(h, ray.ObjectRef)]
+    done = dict(zip(refs, ray.get(refs))) if refs else {}
+    return [done.get(h, h) if isinstance(h, ray.ObjectRef) else h for h in handles]
 
 
 def _video_row(uri: str, parts: dict[int, dict], meta: dict) -> dict:
@@ -652,28 +846,39 @@ def _video_row(uri: str, parts: dict[int, dict], meta: dict) -> dict:
     }
 
 
-def _commit_shard(out: str, shard: int, run: dict, task: tasks.Task, clips: list[dict], videos: list[dict], min_segment_seconds: float) -> None:
+def run_tables(task: tasks.Task, run: dict) -> dict:
+    """The tables a run writes per shard: the task's, the embedding table with an ``embedding``
+    column (``fixed_size_list<float16>[D]``) when the run writes embeddings."""
+    import pyarrow as pa
+
+    schemas = dict(task.tables())
+    if run.get("embeddings"):
+        name = task.embedding_table
+        schemas[name] = schemas[name].append(pa.field("embedding", pa.list_(pa.float16(), int(run["embedding_size"]))))
+    return schemas
+
+
+def _commit_shard(out: str, shard: int, run: dict, task: tasks.Task, clips: list[dict], videos: list[dict], min_segment_seconds: float) -> dict:
     """Write a shard's tables (the task's, then ``videos``), each atomically, then its completion record."""
     name = f"shard-{shard:05d}.parquet"
     clips.sort(key=lambda r: (r["video_uri"], r["clip_index"]))
     videos.sort(key=lambda r: r["video_uri"])
-    schemas = task.tables()
+    schemas = run_tables(task, run)
     rows = task.shard_rows(clips, run, min_segment_seconds)
     for table, schema in schemas.items():
         storage.write_table(tables.table_from_rows(rows[table], tables.with_run_metadata(schema, run)), storage.join(out, table, name))
     storage.write_table(tables.table_from_rows(videos, tables.with_run_metadata(tables.VIDEOS, run)), storage.join(out, "videos", name))
     counts = {s: sum(1 for v in videos if v["status"] == s) for s in tables.VIDEO_STATUSES}
-    storage.write_json(
-        _commit_uri(out, shard),
-        {"shard": shard, "videos": len(videos), **{table: len(rows[table]) for table in schemas}, **counts, "committed_at": time.time()},
-    )
+    record = {"shard": shard, "videos": len(videos), **{table: len(rows[table]) for table in schemas}, **counts, "committed_at": time.time()}
+    storage.write_json(_commit_uri(out, shard), record)
+    return record
 
 
 def _summarize(out: str, run: dict, task: tasks.Task, rows: list[VideoRow], left_out: dict, done: int, skipped: int, started: float,
                timings: dict) -> LabelResult:
     """Counts over the committed tables (every shard of the run is committed by now)."""
     videos = storage.read_table(storage.join(out, "videos"), columns=["status", "clips"]).to_pydict()
-    counts = {table: storage.read_table(storage.join(out, table), columns=["video_uri"]).num_rows for table in task.tables()}
+    counts = {table: storage.read_table(storage.join(out, table), columns=["video_uri"]).num_rows for table in run_tables(task, run)}
     statuses = videos["status"]
     return LabelResult(
         out=out,

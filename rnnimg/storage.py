@@ -353,11 +353,12 @@ def _makedirs_durable(folder: str) -> None:
         _fsync_dir(os.path.dirname(created))
 
 
-def write_bytes(location: str, data: bytes) -> None:
+def write_bytes(location: str, data: bytes, durable: bool = True) -> None:
     """Write a whole file atomically (temporary name + rename locally; one upload on S3).
 
     Locally the data is fsynced before the rename and the folder after it, so that once this
     returns the file survives a power loss, and a file written after it can never outlive it.
+    ``durable=False`` skips the fsyncs (still atomic): for scratch files a crash may lose.
     """
     fs, path = resolve(location)
 
@@ -372,10 +373,12 @@ def write_bytes(location: str, data: bytes) -> None:
         try:
             with open(tmp, "wb") as f:
                 f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
+                if durable:
+                    f.flush()
+                    os.fsync(f.fileno())
             os.replace(tmp, path)
-            _fsync_dir(os.path.dirname(path))
+            if durable:
+                _fsync_dir(os.path.dirname(path))
         finally:
             if os.path.exists(tmp):
                 os.remove(tmp)
@@ -491,11 +494,11 @@ def read_table(location: str, columns: list[str] | None = None) -> pa.Table:
     return retry(lambda: pq.read_table(path, filesystem=fs, columns=columns), f"read table {location}")
 
 
-def write_table(table: pa.Table, location: str) -> None:
-    """Write one Parquet file atomically."""
+def write_table(table: pa.Table, location: str, durable: bool = True) -> None:
+    """Write one Parquet file atomically (``durable``: as ``write_bytes``)."""
     sink = pa.BufferOutputStream()
     pq.write_table(table, sink, compression="zstd")
-    write_bytes(location, sink.getvalue().to_pybytes())
+    write_bytes(location, sink.getvalue().to_pybytes(), durable=durable)
 
 
 def delete(location: str) -> None:
@@ -527,3 +530,34 @@ def upload_dir(local_dir: str, location: str) -> None:
 def iter_lines(location: str) -> Iterator[str]:
     for line in read_bytes(location).decode("utf-8").splitlines():
         yield line
+
+
+def presigned_url(location: str, expires_s: int = 7 * 24 * 3600) -> str:
+    """An HTTP(S) URL that reads the ``s3://`` object ``location`` for ``expires_s`` seconds.
+
+    The URL is signed locally (no request is made) with the credentials of the AWS default
+    chain; it carries a signature and the access key's id, never the secret key. SigV4 allows
+    at most 7 days (604800 s).
+
+    Raises:
+        ValueError: ``location`` is not an ``s3://`` object, or ``expires_s`` is not in [1, 604800].
+    """
+    if not is_s3(location):
+        raise ValueError(f"presigned_url needs an s3:// location, got {location!r}")
+    if not isinstance(expires_s, int) or not 1 <= expires_s <= 7 * 24 * 3600:
+        raise ValueError(f"expires_s must be an integer in [1, 604800] (SigV4's limit), got {expires_s!r}")
+    _check_scheme(location)
+    parsed = urlparse(location)
+    key = parsed.path.lstrip("/")
+    if not key:
+        raise ValueError(f"presigned_url needs an object key, got the bucket {location!r}")
+    from botocore.config import Config  # installed with boto3
+
+    endpoint, region = _s3_endpoint_and_region()
+    import boto3
+
+    # A fresh session: the credentials of the environment now (boto3's default session keeps the first it saw).
+    client = boto3.session.Session().client(
+        "s3", endpoint_url=endpoint, region_name=region,
+        config=Config(signature_version="s3v4", s3={"addressing_style": "path" if endpoint else "auto"}))
+    return client.generate_presigned_url("get_object", Params={"Bucket": parsed.netloc, "Key": key}, ExpiresIn=expires_s)

@@ -22,6 +22,7 @@ import socket
 import threading
 import time
 import uuid
+from dataclasses import dataclass
 
 from rnnimg import storage
 
@@ -57,6 +58,37 @@ def _dead_here(record: dict) -> bool:
     except PermissionError:  # alive, owned by someone else
         return False
     return False
+
+
+@dataclass(frozen=True)
+class Fence:
+    """The fencing token of a held lock, small and picklable: a worker writing on the holder's
+    behalf checks it before each commit, as the holder's ``StoreLock.check`` does."""
+
+    base: str
+    generation: int
+    token: str
+
+    def check(self) -> None:
+        """Raise LockLost unless ``generation`` is still the newest lock of ``base`` and carries ``token``.
+
+        Raises:
+            LockLost: another run took the lock over.
+        """
+        folder = storage.join(self.base, "_lock")
+        try:
+            names = [storage.basename(f.uri) for f in storage.list_files(folder, (".json",))]
+        except FileNotFoundError:
+            names = []
+        generations = sorted(int(n[5:-5]) for n in names if n.startswith("lock-") and n[5:-5].isdigit())
+        record = None
+        if generations and generations[-1] == self.generation:
+            try:
+                record = storage.read_json(storage.join(folder, f"lock-{self.generation:08d}.json"))
+            except (FileNotFoundError, ValueError):
+                record = None
+        if not record or record.get("token") != self.token:
+            raise LockLost(f"{self.base}: this run's lock was taken over by another run; its results are not recorded")
 
 
 class StoreLock:
@@ -206,11 +238,13 @@ class StoreLock:
                 log.warning("could not refresh the lock of %s: %s", self.base, err)
 
     def _still_mine(self) -> bool:
-        generations = self._generations()
-        if not generations or generations[-1] != self.generation:
+        if self.generation is None:
             return False
-        record = self._read(self.generation)
-        return bool(record) and record.get("token") == self.token
+        try:
+            Fence(self.base, self.generation, self.token).check()
+        except LockLost:
+            return False
+        return True
 
     def check(self) -> None:
         """Raise LockLost unless this run still holds the lock (called before recording results).
@@ -225,6 +259,16 @@ class StoreLock:
         if self.generation is None or self.lost or not self._still_mine():
             self.lost = True
             raise LockLost(f"{self.base}: this run's lock was taken over by another run; its results are not recorded")
+
+    def fence(self) -> Fence:
+        """This run's fencing token, for workers that commit on its behalf.
+
+        Raises:
+            LockLost: this run does not hold the lock.
+        """
+        if self.generation is None or self.lost:
+            raise LockLost(f"{self.base}: this run does not hold the lock")
+        return Fence(self.base, self.generation, self.token)
 
     def release(self) -> None:
         """Stop refreshing and mark the lock released (if it is still ours)."""

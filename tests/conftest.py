@@ -16,13 +16,12 @@ import pytest
 _HOME = tempfile.mkdtemp(prefix="rnnimg-tests-")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-S3_PORT = _free_port()
+# The S3 endpoint's port is chosen now (Ray workers inherit AWS_ENDPOINT_URL when Ray starts) and
+# held by this bound socket until the server takes it: Ray's own processes bind ephemeral ports
+# all session long, and one of them took a port released at import time.
+_S3_RESERVATION = socket.socket()
+_S3_RESERVATION.bind(("127.0.0.1", 0))
+S3_PORT = _S3_RESERVATION.getsockname()[1]
 os.environ.update(
     {
         "PREFECT_HOME": os.path.join(_HOME, "prefect"),
@@ -58,6 +57,7 @@ def s3_server():
     from moto.server import ThreadedMotoServer
 
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=S3_PORT, verbose=False)
+    _S3_RESERVATION.close()
     server.start()
     yield os.environ["AWS_ENDPOINT_URL"]
     server.stop()

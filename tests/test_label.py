@@ -144,7 +144,7 @@ def test_commit_waits_for_every_clip_row_whatever_the_block_order(tiny_archive, 
     import numpy as np
 
     from rnnimg import tasks
-    from rnnimg.label import commit_stream
+    from rnnimg.label import commit_stream, parts_folder, stage_parts
     from rnnimg.manifest import VideoRow
     from rnnimg.store_lock import StoreLock
     from rnnimg.video.clips import ClipSpec
@@ -153,27 +153,38 @@ def test_commit_waits_for_every_clip_row_whatever_the_block_order(tiny_archive, 
     videos = sorted(f.uri for f in storage.list_files(os.path.join(root, "videos", "train")))[:4]
     spec = ClipSpec().to_dict()
     batches = _predicted_batches(videos, spec, batch_size=1, range_seconds=2.0)  # a range per clip
-    status = [_split_rows(b, b["is_status"]) for b in batches]
-    clip_rows = [_split_rows(b, ~b["is_status"]) for b in batches]
+    out = str(tmp_path / "out")
+    status = [stage_parts(_split_rows(b, b["is_status"]), out, ["label", "score"]) for b in batches]
+    clip_batches = [_split_rows(b, ~b["is_status"]) for b in batches]
+    clip_records = [stage_parts(b, out, ["label", "score"]) for b in clip_batches]
+    assert all(not r["is_status"].any() and len(r["video_uri"]) <= 1 for r in clip_records)  # small records, not rows
+    assert not any(k in r for r in clip_records for k in ("label", "score", "frames"))
     rng = np.random.default_rng(0)
-    clip_rows = [clip_rows[i] for i in rng.permutation(len(clip_rows))]
-    stream = status + clip_rows + clip_rows[:3]  # every status row overtakes every clip, then retried duplicates
+    clip_records = [clip_records[i] for i in rng.permutation(len(clip_records))]
+    retried = [stage_parts(b, out, ["label", "score"]) for b in clip_batches[:3]]  # a retried task writes its part again
+    stream = status + clip_records + retried  # every status row overtakes every clip, then the retries' records
     expected = int(sum((~b["is_status"]).sum() for b in batches))
     assert expected == 2 * len(videos)
 
-    out = str(tmp_path / "out")
     run = {"run_id": "r", "model_id": "m"}
     with StoreLock(out, "test") as lock:
-        commit_stream(stream, out, run, tasks.get("classify"), [[VideoRow(v) for v in videos]], [0], 0.0, lock)
+        committed = commit_stream(stream, out, run, tasks.get("classify"), [[VideoRow(v) for v in videos]], [0], 0.0, lock)
+    assert [c["clips"] for c in committed] == [expected]
     stored = pads.dataset(os.path.join(out, "clips")).to_table().to_pandas()
     assert len(stored) == expected and not stored.duplicated(["video_uri", "clip_index"]).any()
+    assert set(stored["label"]) == {"left"} and (stored["score"] == np.float32(0.75)).all()
     assert (pads.dataset(os.path.join(out, "videos")).to_table().to_pandas().clips == 2).all()
+    assert not os.path.exists(parts_folder(out, 0))  # the parts go once the shard is committed
 
-    # A stream that lost a clip row never commits the shard: the job fails loudly instead of dropping it.
-    with StoreLock(str(tmp_path / "lossy"), "test") as lock:
+    # A stream that lost a clip record never commits the shard: the job fails loudly instead of dropping it.
+    lossy = str(tmp_path / "lossy")
+    records = [stage_parts(b, lossy, ["label", "score"]) for b in batches]
+    first_clip = next(i for i, r in enumerate(records) if not r["is_status"].all())
+    records[first_clip] = _split_rows(records[first_clip], records[first_clip]["is_status"])
+    with StoreLock(lossy, "test") as lock:
         with pytest.raises(RuntimeError, match=r"shards \[0\] incomplete"):
-            commit_stream(status + clip_rows[1:], str(tmp_path / "lossy"), run, tasks.get("classify"), [[VideoRow(v) for v in videos]], [0], 0.0, lock)
-    assert not os.path.exists(os.path.join(tmp_path, "lossy", "_commits"))
+            commit_stream(records, lossy, run, tasks.get("classify"), [[VideoRow(v) for v in videos]], [0], 0.0, lock)
+    assert not os.path.exists(os.path.join(lossy, "_commits"))
 
 
 @pytest.fixture(scope="module")

@@ -445,7 +445,9 @@ def test_resume_falls_back_to_the_newest_complete_checkpoint_before_an_incomplet
     assert [e for e, _ in checkpoint_epochs(run)] == [4, 3, 2, 1, 0]
     # A complete checkpoint is used as it is.
     assert restore(handed(4), run).state["epoch"] == 4
-    assert restore(None, run) is None
+    # Nothing handed over (Ray registers a checkpoint only when every worker reported): the newest complete one in the store.
+    assert restore(None, run).state["epoch"] == 4
+    assert restore(None, str(tmp_path / "empty-run")) is None
     # Incomplete: the newest complete one before it (epoch 4, written later by an orphan, is not "before").
     with caplog.at_level(logging.WARNING, logger="rnnimg.train"):
         restored = restore(handed(3), run)

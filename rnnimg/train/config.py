@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from rnnimg.models.precision import check_precision
 
 LR_SCHEDULES = ("cosine", "step", "constant")
+PLACEMENTS = ("PACK", "SPREAD")  # Ray placement-group strategies for the training workers
 
 
 @dataclass(frozen=True)
@@ -31,6 +32,7 @@ class TrainConfig:
     shuffle_frames: bool = False  # ablation: shuffle frame order inside every clip (kills temporal order)
     keep_checkpoints: int = 2  # best-k checkpoints kept by validation accuracy
     max_failures: int = 2  # worker failures recovered from the last checkpoint before the run fails (-1: no limit)
+    placement: str = "PACK"  # where the workers go: "PACK" (as few nodes as fit) or "SPREAD" (over the nodes, best effort)
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size", "clips_per_video", "workers", "keep_checkpoints"):
@@ -54,6 +56,8 @@ class TrainConfig:
             raise ValueError(f"cpus_per_worker must be > 0 (or None for 1 + loader_workers), got {self.cpus_per_worker}")
         if not isinstance(self.loader_workers, int) or self.loader_workers < 0:
             raise ValueError(f"loader_workers must be an integer >= 0, got {self.loader_workers!r}")
+        if self.placement not in PLACEMENTS:
+            raise ValueError(f"placement must be one of {PLACEMENTS}, got {self.placement!r}")
         if not isinstance(self.max_failures, int) or self.max_failures < -1:
             raise ValueError(f"max_failures must be an integer >= -1 (-1: no limit), got {self.max_failures!r}")
 

@@ -134,8 +134,18 @@ def restore(ray_checkpoint, run_uri: str) -> Restored | None:
     Ray hands over the newest checkpoint it registered; files can be missing there when another
     process deleted them (a best-k prune of a concurrent run on the same folder). Loading it
     would fail every restart with FileNotFoundError; an earlier complete one costs some epochs.
+    Ray registers a checkpoint only once every worker has reported its epoch: when a worker dies
+    (its node lost) between rank 0's upload and its own report, Ray hands over nothing although
+    the store holds that epoch complete. Then the newest complete folder in the store is used.
     """
     if ray_checkpoint is None:
+        for epoch, folder in checkpoint_epochs(run_uri):
+            try:
+                restored = load_checkpoint_folder(folder)
+            except IncompleteCheckpoint:
+                continue
+            log.warning("Ray handed over no checkpoint, %s holds %s complete: resuming from it", run_uri, storage.basename(folder))
+            return restored
         return None
     handed = storage.basename(ray_checkpoint.path)
     try:
@@ -404,7 +414,8 @@ def _fit_and_export(job: tasks.Task, manifest_uri: str, out: str, name: str, run
             "manifest_uri": manifest_uri if storage.is_s3(manifest_uri) else storage.normalize(manifest_uri),
             "run_uri": run_uri,
         },
-        scaling_config=ray.train.ScalingConfig(num_workers=train_config.workers, use_gpu=train_config.use_gpu, resources_per_worker=resources),
+        scaling_config=ray.train.ScalingConfig(num_workers=train_config.workers, use_gpu=train_config.use_gpu, resources_per_worker=resources,
+                                               placement_strategy=train_config.placement),
         run_config=run_config,
     )
     result = trainer.fit()
@@ -420,7 +431,7 @@ def _fit_and_export(job: tasks.Task, manifest_uri: str, out: str, name: str, run
     summary = job.evaluation(best_entry, model_config)
     with best_checkpoint.as_directory() as directory:
         model_id = export_checkpoint(directory, model_uri, best_metrics, history, evaluation=summary)
-    report = job.write_report(model_uri, summary, history, best_metrics, model_config, model_id)
+    report = job.write_report(model_uri, summary, history, best_metrics, model_config, model_id, manifest_uri=manifest_uri)
     return TrainResult(model_uri=model_uri, run_uri=run_uri, metrics=best_metrics, history=history,
                        report_uri=report.report_uri, evaluation=summary, report_markdown=report.markdown, task=job.name)
 
