@@ -1,4 +1,4 @@
-"""The whole product on embedded defaults: synthetic archive -> train -> label -> accuracy.
+"""The whole product on embedded defaults: synthetic archive -> train -> label -> accuracy -> review page.
 
     make demo            # or: python flows/demo.py --out demo-output
 
@@ -19,6 +19,7 @@ from label_videos import LabelParams, label_videos  # noqa: E402
 from train_crnn import TrainParams, train_crnn  # noqa: E402
 
 from rnnimg import storage  # noqa: E402
+from rnnimg.report import build_report  # noqa: E402
 from rnnimg.synth import SynthConfig, make_archive  # noqa: E402
 
 
@@ -38,16 +39,19 @@ def main() -> int:
         make_archive(archive, SynthConfig(videos=args.videos, unlabelled=4, seed=args.seed))
     # One video the decoder cannot read: it must come out as a failed row, not a crash.
     storage.write_bytes(storage.join(archive, "videos", "unlabelled", "broken.mp4"), b"this is not a video")
-    print(f"[1/3] synthetic archive: {manifest}  ({time.perf_counter() - started:.0f} s)")
+    print(f"[1/4] synthetic archive: {manifest}  ({time.perf_counter() - started:.0f} s)")
 
     trained = train_crnn(TrainParams(manifest=manifest, out=storage.join(args.out, "train"), epochs=args.epochs, workers=args.workers, name="demo"))
-    print(f"[2/3] model: {trained['model']}  best val_acc={trained['best']['val_acc']:.3f}  ({time.perf_counter() - started:.0f} s)")
+    print(f"[2/4] model: {trained['model']}  best val_acc={trained['best']['val_acc']:.3f}  ({time.perf_counter() - started:.0f} s)")
 
     labels_out = storage.join(args.out, "labels")
     to_label = [storage.join(archive, "videos", "test"), storage.join(archive, "videos", "unlabelled")]
     # full=True: label everything again, not only what is new since the last demo run.
     summary = label_videos(LabelParams(videos=to_label, model=trained["model"], out=labels_out, truth=manifest, full=True))
-    print(f"[3/3] labels: {labels_out}  ({time.perf_counter() - started:.0f} s)")
+    print(f"[3/4] labels: {labels_out}  ({time.perf_counter() - started:.0f} s)")
+    # The review page of the current labels: players, clickable label timelines, the review queue.
+    report = build_report(labels_out, storage.join(args.out, "report"))
+    print(f"[4/4] review page: {report.html}  ({time.perf_counter() - started:.0f} s)")
 
     print()
     print(f"archive   {archive}  (manifest {manifest})")
@@ -56,7 +60,17 @@ def main() -> int:
     print(f"tables    {storage.join(run_out, 'clips')}  {storage.join(run_out, 'segments')}  {storage.join(run_out, 'videos')}  {storage.join(run_out, 'run.json')}")
     print(f"videos    {summary['videos']}: {summary['ok']} ok, {summary['partial']} partial, {summary['failed']} failed; {summary['clips']} clips")
     print(f"test-split clip accuracy: {summary['test_clip_accuracy']:.3f} over {summary['test_clips']} clips")
+    print(f"review queue: {report.low_confidence_clips} clips with score below {report.threshold:g}")
     print(f"total {time.perf_counter() - started:.0f} s")
+    print()
+    print(f"review page {report.html}")
+    if storage.is_s3(report.html):
+        local = os.path.basename(args.out.rstrip("/")) + "-report"
+        print(f"  open it: aws s3 cp --recursive {report.out} {local} && xdg-open {local}/index.html")
+    else:
+        folder = os.path.dirname(os.path.abspath(report.html))
+        print(f"  open it: xdg-open {os.path.abspath(report.html)}   (or any browser: file://{os.path.abspath(report.html)})")
+        print(f"  over ssh: python -m http.server 8000 --directory {os.path.dirname(folder)}  then http://localhost:8000/{os.path.basename(folder)}/")
     return 0
 
 

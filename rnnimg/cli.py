@@ -4,6 +4,7 @@
     rnnimg train MANIFEST --out OUT [--epochs E] [--workers W] [--name RUN]
     rnnimg label VIDEOS [VIDEOS ...] --model MODEL --out OUT
     rnnimg report LABELS --out REPORT
+    rnnimg generate MODEL (--from VIDEO --seconds S | --label L --seed N) --out OUT.mp4
 
 Every location takes a local path or ``s3://bucket/prefix`` (endpoint from AWS_ENDPOINT_URL,
 credentials from the standard AWS chain). Bad arguments and missing inputs end with one line
@@ -58,6 +59,20 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _model_option(text: str) -> tuple[str, object]:
+    """``KEY=VALUE`` -> ``(key, value)``, VALUE as JSON when it parses (``3``, ``false``, ``[16, 32]``), else the text."""
+    import json
+
+    key, sep, value = text.partition("=")
+    key = key.strip().replace("-", "_")
+    if not sep or not key.isidentifier():
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE with KEY a model config field, got {text!r}")
+    try:
+        return key, json.loads(value)
+    except ValueError:
+        return key, value
+
+
 def build_parser() -> argparse.ArgumentParser:
     from rnnimg.tasks import names
 
@@ -81,6 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="random seed; the same seed gives the same archive (default 0)")
     p.add_argument("--seconds", type=_positive_float, default=4.0, help="length of each video in seconds (default 4)")
     p.add_argument("--fps", type=_positive_int, default=12, help="frame rate of the videos (default 12)")
+    p.add_argument("--images", action="store_true",
+                   help="still images (PNG) instead of videos, for a task that has such an archive (segment: the ReNet task)")
 
     p = sub.add_parser("train", help="train a CRNN with Ray Train and export the best model",
                        description="Train on the manifest's 'train' split, validate on 'val' every epoch, checkpoint to "
@@ -108,17 +125,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--augment", action="store_true",
                    help="jitter training clips: colour channels, brightness, contrast, a small shift; never a flip or time reversal "
                    "(default: clips as decoded)")
-    p.add_argument("--rnn", choices=("lstm", "gru"), default="lstm", help="recurrent layer type (default lstm)")
-    p.add_argument("--rnn-impl", choices=("torch", "reference"), default="torch",
-                   help="torch: torch.nn kernels; reference: rnnimg.nn cells written from the equations (default torch)")
-    p.add_argument("--rnn-hidden", type=_positive_int, default=128, help="hidden size of the recurrent layer (default 128)")
-    p.add_argument("--backbone", choices=("small", "resnet18", "resnet34", "resnet50"), default="small",
-                   help="per-frame CNN: the small built-in one, or a torchvision ResNet (needs torchvision) (default small)")
-    p.add_argument("--backbone-weights", default="",
-                   help="initial backbone weights: a .safetensors or weights-only torch state dict file or store URL "
+    # Model options default to None: only those given reach the task's model config, whose own
+    # defaults apply otherwise (the defaults named below are the classifier's).
+    p.add_argument("--rnn", choices=("lstm", "gru"), default=None, help="recurrent layer type (default lstm)")
+    p.add_argument("--rnn-impl", choices=("torch", "reference"), default=None,
+                   help="classify: torch: torch.nn kernels; reference: rnnimg.nn cells written from the equations (default torch)")
+    p.add_argument("--rnn-hidden", type=_positive_int, default=None, help="classify: hidden size of the recurrent layer (default 128)")
+    p.add_argument("--backbone", choices=("small", "resnet18", "resnet34", "resnet50"), default=None,
+                   help="classify: per-frame CNN: the small built-in one, or a torchvision ResNet (needs torchvision) (default small)")
+    p.add_argument("--backbone-weights", default=None,
+                   help="classify: initial backbone weights: a .safetensors or weights-only torch state dict file or store URL "
                    "(default: random init; nothing is downloaded)")
-    p.add_argument("--frame-size", type=_positive_int, default=64, help="frames are resized to this many pixels square (default 64)")
-    p.add_argument("--frames-per-clip", type=_positive_int, default=8, help="frames sampled per clip (default 8)")
+    p.add_argument("--frame-size", type=_positive_int, default=None, help="frames are resized to this many pixels square (default 64)")
+    p.add_argument("--frames-per-clip", type=_positive_int, default=None, help="frames sampled per clip (default: the task's; classify 8)")
+    p.add_argument("--model-option", action="append", default=[], metavar="KEY=VALUE", type=_model_option,
+                   help="any field of the task's model config, repeatable; VALUE is read as JSON when it parses, else as text "
+                   "(e.g. segment's ReNet still-image model: --model-option spatial=renet --model-option temporal=false "
+                   "--frames-per-clip 1)")
     device = p.add_mutually_exclusive_group()
     device.add_argument("--gpu", action="store_true", help="train on GPUs (fails on a local Ray without one)")
     device.add_argument("--cpu", action="store_true", help="train on CPUs even where the cluster has GPUs")
@@ -130,6 +153,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="decoding processes per worker (torch DataLoader); 0 decodes in the training process (default 0)")
     p.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
                    help="bf16 autocast or fp32; auto: bf16 on GPU, fp32 on CPU (default auto)")
+    p.add_argument("--placement", choices=("pack", "spread"), default="pack",
+                   help="where the workers go on a multi-node cluster: pack (as few nodes as fit) or spread (over the nodes) (default pack)")
     p.add_argument("--max-failures", type=int, default=2,
                    help="worker failures recovered from the last checkpoint before the run fails, -1 for no limit (default 2)")
     p.add_argument("--keep-checkpoints", type=_positive_int, default=2, help="best checkpoints kept, by validation accuracy (default 2)")
@@ -165,44 +190,73 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--actors", type=_positive_int, default=1, help="model replicas in the actor pool (default 1)")
     p.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
                    help="model precision: bf16 autocast or fp32; auto: bf16 on GPU, fp32 on CPU, as in training (default auto)")
+    p.add_argument("--embeddings", action="store_true",
+                   help="also write each clip's recurrent features (float16, the state after its last frame) as an 'embedding' "
+                   "column of the clips table (classify)")
     p.add_argument("--truth", default=None, help="manifest with true labels: print the clip accuracy on its test split")
     p.add_argument("--ray-address", default=None, help="Ray cluster to use (default: RAY_ADDRESS, else a local Ray)")
 
-    p = sub.add_parser("report", help="summarise label tables with Dask: per label, per video, review queue, HTML",
+    p = sub.add_parser("report", help="summarise label tables with Dask: per label (or mask area), per video, review queue, HTML",
                        description="Read LABELS (the --out of `rnnimg label`, or the base folder of the label-videos flow) "
-                       "partition by partition with Dask and write REPORT/labels.parquet (per label: clips, duration, videos), "
-                       "REPORT/videos/ (per video: dominant label and its share), REPORT/review/ (clips scoring below "
-                       "--threshold), REPORT/summary.json and REPORT/index.html (plots embedded).")
+                       "partition by partition with Dask; the report follows the model's task. Classification: "
+                       "REPORT/labels.parquet (per label: clips, duration, videos), REPORT/videos/ (per video: dominant label "
+                       "and its share), REPORT/review/ (clips scoring below --threshold). Segmentation (masks): REPORT/videos/ "
+                       "(per video: frames, mean and max mask area), REPORT/areas.parquet (area histogram), mask overlays on "
+                       "decoded frames and the area timeline. Both: REPORT/summary.json and REPORT/index.html (plots embedded).")
     p.add_argument("labels", metavar="LABELS", help="label tables: a labelling output or a label-videos base (folder or s3:// prefix)")
     p.add_argument("--out", required=True, help="where the report goes (folder or s3:// prefix)")
     p.add_argument("--threshold", type=_positive_float, default=0.6, help="clips scoring below this go to the review queue (default 0.6)")
     p.add_argument("--timeline-videos", type=_non_negative_int, default=20,
                    help="videos drawn in the label timeline, the first by URI (default 20)")
     p.add_argument("--model-id", default=None, help="with a label-videos base: the model to report (default: the latest run's)")
+    p.add_argument("--overlay-videos", type=_non_negative_int, default=4,
+                   help="segmentation: videos drawn with their masks over decoded frames, the first by URI (default 4)")
+
+    p = sub.add_parser("generate", help="roll a next-frame model (task predict) forward into an H.264 video",
+                       description="With --from: the model reads the video's first frames and predicts the rest up to --seconds; "
+                       "OUT shows the truth (left) and the frames read then predicted (right). With --label: a conditioned "
+                       "model generates a clip of that class from the first frames of a fresh moving-digits sequence drawn "
+                       "from --seed.")
+    p.add_argument("model", metavar="MODEL", help="exported model folder of task predict (OUT/model of `rnnimg train --task predict`)")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--from", dest="video", metavar="VIDEO", help="the video to start from (local path or s3:// URL)")
+    source.add_argument("--label", default=None, help="class to generate, with a conditioned model (e.g. up-left)")
+    p.add_argument("--seconds", type=_positive_float, default=4.0, help="with --from: seconds of video to show, read and predicted (default 4)")
+    p.add_argument("--seed", type=int, default=0, help="with --label: draws the first frame's digits and places (default 0)")
+    p.add_argument("--out", required=True, help="the video to write (.mp4; local path or s3:// URL)")
     return parser
 
 
 def _run(args) -> dict:
     if args.command == "synth":
-        from rnnimg.tasks import get
+        from rnnimg.tasks import get, names
 
-        manifest = get(args.task).synth(args.out, args.videos, args.unlabelled, args.seed, seconds=args.seconds, fps=args.fps)
+        task = get(args.task)
+        options = {"seconds": args.seconds, "fps": args.fps}
+        if args.images:
+            if "images" not in task.synth_options:
+                raise ValueError(f"task {args.task!r} has no still-image archive (--images is for: "
+                                 f"{', '.join(n for n in names() if 'images' in get(n).synth_options) or 'no task'})")
+            options = {"images": True}
+        manifest = task.synth(args.out, args.videos, args.unlabelled, args.seed, **options)
         return {"manifest": manifest, "videos": args.videos + args.unlabelled, "task": args.task}
 
     if args.command == "train":
         from rnnimg.tasks import get
         from rnnimg.train import TrainConfig, train
 
-        model_config = get(args.task).model_config(
-            args.manifest, rnn_type=args.rnn, rnn_impl=args.rnn_impl, rnn_hidden=args.rnn_hidden, backbone=args.backbone,
-            backbone_weights=args.backbone_weights, frame_size=args.frame_size, frames_per_clip=args.frames_per_clip)
+        flags = {"rnn_type": args.rnn, "rnn_impl": args.rnn_impl, "rnn_hidden": args.rnn_hidden, "backbone": args.backbone,
+                 "backbone_weights": args.backbone_weights, "frame_size": args.frame_size, "frames_per_clip": args.frames_per_clip}
+        overrides = {k: v for k, v in flags.items() if v is not None}
+        overrides.update(dict(args.model_option))
+        model_config = get(args.task).model_config(args.manifest, **overrides)
         train_config = TrainConfig(
             epochs=args.epochs, workers=args.workers, batch_size=args.batch_size, lr=args.lr, lr_schedule=args.lr_schedule,
             warmup_epochs=args.warmup_epochs, weight_decay=args.weight_decay, clips_per_video=args.clips_per_video,
             augment=args.augment, use_gpu=True if args.gpu else False if args.cpu else None,
             gpus_per_worker=args.gpus_per_worker, cpus_per_worker=args.cpus_per_worker, loader_workers=args.loader_workers,
             precision=args.precision, max_failures=args.max_failures, keep_checkpoints=args.keep_checkpoints, seed=args.seed,
-            shuffle_frames=args.shuffle_frames,
+            shuffle_frames=args.shuffle_frames, placement=args.placement.upper(),
         )
         result = train(args.manifest, args.out, args.name, train_config, model_config, ray_address=args.ray_address, task=args.task,
                        wait=args.wait)
@@ -216,7 +270,7 @@ def _run(args) -> dict:
 
         config = LabelConfig(videos_per_shard=args.videos_per_shard, batch_size=args.batch_size, actors=args.actors,
                              stride_seconds=args.stride_seconds, range_seconds=args.range_seconds,
-                             min_segment_seconds=args.min_segment_seconds, precision=args.precision)
+                             min_segment_seconds=args.min_segment_seconds, precision=args.precision, embeddings=args.embeddings)
         extensions = [e.strip() for e in args.extensions.split(",") if e.strip()] if args.extensions else None
         result = label(args.videos, args.model, args.out, config, splits=args.splits, run_id=args.run_id, ray_address=args.ray_address,
                        allow_prefixes=args.allow_prefixes, extensions=extensions)
@@ -229,8 +283,15 @@ def _run(args) -> dict:
     if args.command == "report":
         from rnnimg.report import ReportConfig, build_report
 
-        config = ReportConfig(threshold=args.threshold, timeline_videos=args.timeline_videos)
+        config = ReportConfig(threshold=args.threshold, timeline_videos=args.timeline_videos, overlay_videos=args.overlay_videos)
         return build_report(args.labels, args.out, config, model_id=args.model_id).summary()
+
+    if args.command == "generate":
+        from rnnimg.generate import from_label, from_video
+
+        if args.video:
+            return from_video(args.model, args.video, args.seconds, args.out)
+        return from_label(args.model, args.label, args.seed, args.out)
     raise AssertionError(args.command)
 
 

@@ -109,6 +109,7 @@ def test_report_tables_match_a_direct_computation(labels_run, tmp_path):
     assert result.label_clips == {k: int(v) for k, v in per_label["clips"].items()}
     summary = json.loads(storage.read_bytes(storage.join(report, "summary.json")))
     assert summary["error_types"] == {"open": 1} and summary["clips"] == len(clips)
+    assert summary["task"] == result.task == "classify"  # a run that records no task is a classifier's
 
 
 def test_html_embeds_the_plots_and_the_lowest_scores(labels_run, tmp_path):
@@ -154,6 +155,17 @@ def test_errors_say_what_was_given(tmp_path):
         ReportConfig(threshold=1.5)
     with pytest.raises(ValueError, match="timeline_videos must be an integer >= 0, got -1"):
         ReportConfig(timeline_videos=-1)
+    with pytest.raises(ValueError, match="overlay_frames must be an integer in \\[1, 16\\], got 0"):
+        ReportConfig(overlay_frames=0)
+
+
+def test_labels_of_a_task_without_a_report_are_refused_by_name(tmp_path):
+    labels = str(tmp_path / "labels")
+    write_run(labels, {"/a.mp4": (["left"], [0.9])}, "r1")
+    storage.write_json(storage.join(labels, "_run", "config.json"), {"run_id": "r1", "model_id": "m1", "task": "objects"})
+    assert resolve_labels(labels).task == "objects"
+    with pytest.raises(ReportError, match=r"holds labels of task 'objects'; the report reads the tables of tasks \['classify', 'segment'\]"):
+        build_report(labels, str(tmp_path / "report"))
 
 
 def test_label_counts_streams_one_run(labels_run):
@@ -186,3 +198,67 @@ def test_report_on_s3(s3_bucket):
     assert dict(zip(per_label["label"], per_label["clips"])) == {"left": 5, "right": 5, "up": 4}
     assert storage.read_table(f"{report}/videos").num_rows == len(VIDEOS) + len(FAILED)
     assert storage.read_table(f"{report}/review").num_rows == result.low_confidence_clips > 0
+
+
+def test_review_page_panels_failed_files_and_queue(labels_run, tmp_path):
+    """The review page without a browser: a player and a timeline of segments per video, the failed files, the queue."""
+    report = str(tmp_path / "report")
+    result = build_report(labels_run, report, ReportConfig(threshold=THRESHOLD, timeline_videos=3, review_examples=3))
+    page = storage.read_bytes(result.html).decode()
+    panels = re.findall(r'<section class="video" id="video-(\d+)" data-uri="([^"]+)">(.*?)</section>', page, re.S)
+    assert [(i, uri) for i, uri, _ in panels] == [("0", "/archive/a.mp4"), ("1", "/archive/b.mp4"), ("2", "/archive/c.mp4")]
+    body = dict((uri, text) for _, uri, text in panels)
+    # A local video is linked relative to the report folder.
+    src = re.search(r'<video class="player"[^>]* src="([^"]+)"', body["/archive/a.mp4"]).group(1)
+    assert not src.startswith("/") and storage.normalize(str(tmp_path / "report" / src)) == "/archive/a.mp4"
+    # a.mp4: left, left, right, left (clips of 2 s every 2 s) -> segments left [0, 4), right [4, 6), left [6, 8).
+    segments = re.findall(r'class="seg" data-start="([\d.]+)" data-end="([\d.]+)" data-label="(\w+)"', body["/archive/a.mp4"])
+    assert segments == [("0.000", "4.000", "left"), ("4.000", "6.000", "right"), ("6.000", "8.000", "left")]
+    # c.mp4: up, left, up, up, up -> three segments; widths are shares of the declared 10 s duration.
+    c = re.findall(r'data-start="([\d.]+)"[^>]*style="left:([\d.]+)%;width:([\d.]+)%', body["/archive/c.mp4"])
+    assert c == [("0.000", "0.000", "20.000"), ("2.000", "20.000", "20.000"), ("4.000", "40.000", "60.000")]
+    # The failed file and its reason, in the overview.
+    overview = page.split('<h2 id="videos">')[0]
+    assert "/archive/z-broken.mp4" in overview and "/archive/z-broken.mp4: cannot open" in overview
+    # The queue: one play button per row, starting at the clip's start.
+    plays = re.findall(r'class="queue-play" data-src="([^"]+)" data-start="([\d.]+)" data-end="([\d.]+)"', page)
+    assert [(s, e) for _, s, e in plays] == [("0.000", "2.000"), ("2.000", "4.000"), ("2.000", "4.000")]  # e 0.3, c 0.4, b 0.5
+    assert plays[0][0].endswith("archive/e.mp4")
+    assert "<script src" not in page and "<link" not in page
+
+
+def test_merge_clips_and_video_links(tmp_path, monkeypatch):
+    from rnnimg.report import merge_clips, video_src
+
+    clips = pd.DataFrame(_clip_rows("/v.mp4", ["a", "a", "b", "a"], [0.5, 0.7, 0.9, 0.8], "r1", stride=1.0))
+    merged = merge_clips(clips)
+    assert merged[["start_s", "end_s", "label"]].values.tolist() == [[0.0, 3.0, "a"], [2.0, 4.0, "b"], [3.0, 5.0, "a"]]
+    assert merged["score"].tolist() == pytest.approx([0.6, 0.9, 0.8])
+    assert merge_clips(clips.iloc[:0]).empty
+
+    out = str(tmp_path / "r")
+    assert video_src(str(tmp_path / "x y.mp4"), out, 60)[0] == "../x%20y.mp4"
+    assert video_src("file://" + str(tmp_path / "v" / "a.mp4"), out, 60)[0] == "../v/a.mp4"
+    assert video_src("/data/a.mp4", "s3://bucket/report", 60) == (None, "a local video cannot be played from a report written to S3")
+    with pytest.raises(ValueError, match="link_expires_s must be an integer in \\[60, 604800\\]"):
+        ReportConfig(link_expires_s=8 * 24 * 3600)
+
+
+def test_presigned_url_is_signed_locally_and_checks_its_input(monkeypatch):
+    from urllib.parse import parse_qs, urlparse
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")  # nothing listens: signing makes no request
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIAPRESIGNTEST")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "presign-secret-key")
+    url = storage.presigned_url("s3://bucket/videos/a b.mp4", 900)
+    parsed = urlparse(url)
+    query = parse_qs(parsed.query)
+    assert f"{parsed.scheme}://{parsed.netloc}{parsed.path}" == "http://127.0.0.1:9/bucket/videos/a%20b.mp4"
+    assert query["X-Amz-Expires"] == ["900"] and query["X-Amz-Credential"][0].startswith("AKIAPRESIGNTEST/")
+    assert "X-Amz-Signature" in query and "presign-secret-key" not in url
+    with pytest.raises(ValueError, match="needs an s3:// location"):
+        storage.presigned_url("/local/a.mp4", 900)
+    with pytest.raises(ValueError, match="needs an object key"):
+        storage.presigned_url("s3://bucket", 900)
+    with pytest.raises(ValueError, match="expires_s must be an integer in \\[1, 604800\\]"):
+        storage.presigned_url("s3://bucket/a.mp4", 8 * 24 * 3600)

@@ -28,6 +28,8 @@ if TYPE_CHECKING:
 _BUILTIN = {
     "classify": "rnnimg.tasks.classify:ClassifyTask",
     "segment": "rnnimg.tasks.segment:SegmentTask",
+    "objects": "rnnimg.tasks.objects:ObjectsTask",
+    "predict": "rnnimg.tasks.predict:PredictTask",
 }
 _loaded: dict[str, "Task"] = {}
 
@@ -48,6 +50,11 @@ class Task:
     # The epoch metric that selects the exported checkpoint, and whether higher is better.
     selection_metric: str = "val_loss"
     selection_mode: str = "min"
+    # Options of ``synth`` beyond the common ones (``rnnimg synth --images`` needs "images").
+    synth_options: tuple[str, ...] = ()
+    # The table that gets an ``embedding`` column with ``rnnimg label --embeddings`` (None: the
+    # task writes no embeddings); ``predict(..., embeddings=True)`` then adds (N, D) features.
+    embedding_table: str | None = None
 
     # ------------------------------------------------------------------ data and model
 
@@ -136,11 +143,23 @@ class Task:
         """The selected epoch's evaluation summary (stored in metrics.json under ``evaluation``)."""
         return {}
 
-    def write_report(self, model_uri: str, evaluation: dict, history: list, best_metrics: dict, config: Any, model_id: str):
-        """Write the evaluation report into the model folder; returns an ``rnnimg.evaluation.Report``."""
+    def write_report(self, model_uri: str, evaluation: dict, history: list, best_metrics: dict, config: Any, model_id: str, *,
+                     manifest_uri: str | None = None):
+        """Write the evaluation report into the model folder; returns an ``rnnimg.evaluation.Report``.
+
+        ``manifest_uri`` is the training manifest, for a report that draws validation examples
+        (None: the report does without them).
+        """
         raise NotImplementedError
 
     # ------------------------------------------------------------------ labelling
+
+    def needs_video(self, config: Any) -> bool:
+        """Whether the model needs several frames of a video (default: yes). A model that does not
+        (one frame per clip, no state across frames) also labels still images (JPEG, PNG, ...):
+        a folder listing then includes them, and each is one clip of one frame at time 0. A still
+        given to a model that needs video becomes a ``failed`` row (``needs_video``)."""
+        return True
 
     def clip_columns(self) -> dict[str, tuple[str, Any]]:
         """Columns the model adds to each clip row: name -> (numpy dtype, value on status rows)."""
@@ -149,9 +168,15 @@ class Task:
     def predict(self, model, inputs, config: Any) -> dict[str, "np.ndarray"]:
         """Model outputs of float (B, T, C, H, W) inputs as per-clip columns (``clip_columns``).
 
-        Called under ``torch.inference_mode()`` and the label job's autocast.
+        Called under ``torch.inference_mode()`` and the label job's autocast. A task with an
+        ``embedding_table`` takes ``embeddings=True`` (only passed when asked) and then also
+        returns ``"embedding"``: (B, D) features of each clip, from ``forward_features``.
         """
         raise NotImplementedError
+
+    def embedding_size(self, config: Any) -> int:
+        """D, the length of a clip's embedding (tasks with an ``embedding_table``)."""
+        raise NotImplementedError(f"task {self.name!r} writes no embeddings")
 
     def tables(self) -> dict[str, "pa.Schema"]:
         """The Parquet tables a label job writes per shard, besides ``videos``: name -> schema."""

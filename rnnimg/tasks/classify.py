@@ -170,7 +170,8 @@ class ClassifyTask(Task):
 
         return classification_summary(best_entry["val_confusion"], config.labels)
 
-    def write_report(self, model_uri: str, evaluation: dict, history: list, best_metrics: dict, config: "CRNNConfig", model_id: str):
+    def write_report(self, model_uri: str, evaluation: dict, history: list, best_metrics: dict, config: "CRNNConfig", model_id: str, *,
+                     manifest_uri: str | None = None):
         from rnnimg.evaluation import write_report
 
         return write_report(model_uri, evaluation, history, best_metrics, config.labels, model_id=model_id)
@@ -180,14 +181,24 @@ class ClassifyTask(Task):
     def clip_columns(self) -> dict[str, tuple[str, object]]:
         return {"label": ("object", ""), "score": ("float32", 0.0)}
 
-    def predict(self, model, inputs, config: "CRNNConfig") -> dict[str, np.ndarray]:
+    embedding_table = "clips"
+
+    def embedding_size(self, config: "CRNNConfig") -> int:
+        return config.rnn_hidden
+
+    def predict(self, model, inputs, config: "CRNNConfig", embeddings: bool = False) -> dict[str, np.ndarray]:
         import torch
 
-        clip_logits, _ = model(inputs)
+        sequence = model.forward_features(inputs)  # (B, T, R): the recurrent layer's output at every step
+        clip_logits, _ = model.forward_head(sequence)
         probs = torch.softmax(clip_logits.float(), dim=1)
         score, index = probs.max(dim=1)
         labels = np.array(config.labels, dtype=object)
-        return {"label": labels[index.cpu().numpy()], "score": score.cpu().numpy().astype(np.float32)}
+        out = {"label": labels[index.cpu().numpy()], "score": score.cpu().numpy().astype(np.float32)}
+        if embeddings:
+            # The clip's embedding: the recurrent state after its last frame, what the clip head reads.
+            out["embedding"] = sequence[:, -1].float().cpu().numpy().astype(np.float16)  # (B, T, R) -> (B, R)
+        return out
 
     def tables(self) -> dict:
         return {"clips": tables.CLIPS, "segments": tables.SEGMENTS}
