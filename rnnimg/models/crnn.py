@@ -74,14 +74,7 @@ class CRNNConfig(JsonConfig):
             raise ValueError(f"labels must name at least 2 classes, got {list(self.labels)}")
         if len(set(self.labels)) != len(self.labels):
             raise ValueError(f"labels must be unique, got {list(self.labels)}")
-        if self.frame_size < 16:
-            raise ValueError(f"frame_size must be >= 16, got {self.frame_size}")
-        if self.frames_per_clip < 1:
-            raise ValueError(f"frames_per_clip must be >= 1, got {self.frames_per_clip}")
-        if not self.clip_seconds > 0:
-            raise ValueError(f"clip_seconds must be > 0, got {self.clip_seconds}")
-        if not self.stride_seconds > 0:
-            raise ValueError(f"stride_seconds must be > 0, got {self.stride_seconds}")
+        self.check_clip_plan()
         if self.rnn_type not in RNN_TYPES:
             raise ValueError(f"rnn_type must be one of {RNN_TYPES}, got {self.rnn_type!r}")
         if self.rnn_impl not in RNN_IMPLS:

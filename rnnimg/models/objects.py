@@ -84,14 +84,7 @@ class ObjectsConfig(JsonConfig):
     def __post_init__(self) -> None:
         if len(self.labels) < 1 or len(set(self.labels)) != len(self.labels):
             raise ValueError(f"labels must name at least 1 class, each once, got {list(self.labels)}")
-        if self.frame_size < 16:
-            raise ValueError(f"frame_size must be >= 16, got {self.frame_size}")
-        if self.frames_per_clip < 1:
-            raise ValueError(f"frames_per_clip must be >= 1, got {self.frames_per_clip}")
-        if not self.clip_seconds > 0:
-            raise ValueError(f"clip_seconds must be > 0, got {self.clip_seconds}")
-        if not self.stride_seconds > 0:
-            raise ValueError(f"stride_seconds must be > 0, got {self.stride_seconds}")
+        self.check_clip_plan()
         if not 1 <= len(self.cnn_channels) <= 5 or any(int(c) < 1 for c in self.cnn_channels):
             raise ValueError(f"cnn_channels must be 1 to 5 positive stage widths, got {list(self.cnn_channels)}")
         if self.frame_size % (2 ** len(self.cnn_channels)):

@@ -73,14 +73,7 @@ class SegmenterConfig(JsonConfig):
     dice_weight: float = 0.5  # weight of the soft Dice loss added to the per-pixel BCE
 
     def __post_init__(self) -> None:
-        if self.frame_size < 16:
-            raise ValueError(f"frame_size must be >= 16, got {self.frame_size}")
-        if self.frames_per_clip < 1:
-            raise ValueError(f"frames_per_clip must be >= 1, got {self.frames_per_clip}")
-        if not self.clip_seconds > 0:
-            raise ValueError(f"clip_seconds must be > 0, got {self.clip_seconds}")
-        if not self.stride_seconds > 0:
-            raise ValueError(f"stride_seconds must be > 0, got {self.stride_seconds}")
+        self.check_clip_plan()
         if not 2 <= len(self.channels) <= 3 or any(int(c) < 1 for c in self.channels):
             raise ValueError(f"channels must be 2 or 3 positive stage widths, got {list(self.channels)}")
         if self.frame_size % (2 ** len(self.channels)):
