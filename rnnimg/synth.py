@@ -31,6 +31,25 @@ from rnnimg import storage
 LABELS = ("left", "right")
 
 
+def check_archive_config(config, min_size: int) -> None:
+    """The fields every synthetic archive config has: ``videos`` (>= 3, one per split), ``unlabelled``,
+    ``size`` (even, >= ``min_size``), ``fps``, ``seconds``.
+
+    Raises:
+        ValueError: a field out of range (the message names it and its value).
+    """
+    if config.videos < 3:
+        raise ValueError(f"videos must be >= 3 (one per split), got {config.videos}")
+    if config.unlabelled < 0:
+        raise ValueError(f"unlabelled must be >= 0, got {config.unlabelled}")
+    if config.size < min_size or config.size % 2:
+        raise ValueError(f"size must be an even number >= {min_size}, got {config.size}")
+    if config.fps < 1:
+        raise ValueError(f"fps must be >= 1, got {config.fps}")
+    if not config.seconds > 0:
+        raise ValueError(f"seconds must be > 0, got {config.seconds}")
+
+
 @dataclass(frozen=True)
 class SynthConfig:
     """Parameters of the synthetic archive."""
@@ -46,16 +65,7 @@ class SynthConfig:
     crf: int = 18  # x264 quality (lower is better); high enough that the object survives
 
     def __post_init__(self) -> None:
-        if self.videos < 3:
-            raise ValueError(f"videos must be >= 3 (one per split), got {self.videos}")
-        if self.unlabelled < 0:
-            raise ValueError(f"unlabelled must be >= 0, got {self.unlabelled}")
-        if self.size < 16 or self.size % 2:
-            raise ValueError(f"size must be an even number >= 16, got {self.size}")
-        if self.fps < 1:
-            raise ValueError(f"fps must be >= 1, got {self.fps}")
-        if not self.seconds > 0:
-            raise ValueError(f"seconds must be > 0, got {self.seconds}")
+        check_archive_config(self, min_size=16)
 
 
 class DriftingTexture:

@@ -49,7 +49,7 @@ import numpy as np
 import pyarrow as pa
 
 from rnnimg import storage
-from rnnimg.synth import DriftingTexture, encode_video, render_all, split_counts
+from rnnimg.synth import DriftingTexture, check_archive_config, encode_video, render_all, split_counts
 
 
 # Saturated colours, far from each other and from the grey background (75..175): each has a channel <= 50 and one >= 200 (RGB).
@@ -74,16 +74,7 @@ class SegmentSynthConfig:
     crf: int = 14  # x264 quality (lower is better): high, so that compression does not tell the moving ones apart
 
     def __post_init__(self) -> None:
-        if self.videos < 3:
-            raise ValueError(f"videos must be >= 3 (one per split), got {self.videos}")
-        if self.unlabelled < 0:
-            raise ValueError(f"unlabelled must be >= 0, got {self.unlabelled}")
-        if self.size < 32 or self.size % 2:
-            raise ValueError(f"size must be an even number >= 32, got {self.size}")
-        if self.fps < 1:
-            raise ValueError(f"fps must be >= 1, got {self.fps}")
-        if not self.seconds > 0:
-            raise ValueError(f"seconds must be > 0, got {self.seconds}")
+        check_archive_config(self, min_size=32)
         if not isinstance(self.images, bool):
             raise ValueError(f"images must be true or false, got {self.images!r}")
         if not 2 <= self.palette <= len(PALETTE):
