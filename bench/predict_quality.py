@@ -51,14 +51,15 @@ def emit(record: dict) -> None:
     print(json.dumps(record), flush=True)
 
 
-def random_batch(rng, size: int, frames: int, labels: list[int] | None = None):
-    """``(uint8 (B, T, 64, 64, 3), int64 (B,) classes)`` of fresh moving-digits sequences."""
+def random_batch(rng, size: int, frames: int, labels: list[int] | None = None, pool: str = "train"):
+    """``(uint8 (B, T, 64, 64, 3), int64 (B,) classes)`` of fresh moving-digits sequences, digits from ``pool``
+    (``train``; ``heldout`` for every evaluation: handwriting no model here trained on)."""
     import torch
 
     from rnnimg.tasks.digits_synth import render_sequence, to_rgb
 
     picked = labels if labels is not None else [None] * size
-    sequences = [render_sequence(rng, frames, 64, label=label) for label in picked]
+    sequences = [render_sequence(rng, frames, 64, label=label, pool=pool) for label in picked]
     clips = np.stack([to_rgb(grey) for grey, _ in sequences])  # B x (T, H, W, 3) -> (B, T, H, W, 3)
     return torch.from_numpy(clips), torch.tensor([label for _, label in sequences])
 
@@ -169,7 +170,7 @@ def part_surprise(args) -> None:
             anomaly = Anomaly(ANOMALIES[(index // 10) % 3], int(rng.integers(20, 50)), int(rng.integers(2)))
             anomalies[uri] = anomaly
         if not os.path.exists(uri):
-            grey, _ = render_sequence(np.random.default_rng(seed), frames, 64, anomaly=anomaly)
+            grey, _ = render_sequence(np.random.default_rng(seed), frames, 64, anomaly=anomaly, pool="heldout")
             storage.write_bytes(uri, encode_video(to_rgb(grey), fps, crf=4))
     out = os.path.join(args.out, f"surprise_labels_{args.surprise_videos}")
     ensure_ray(None)
@@ -231,7 +232,7 @@ def part_conditioned(args) -> None:
     correct = total = 0
     with torch.inference_mode():
         for _ in range(8):
-            clips, labels = random_batch(test_rng, 50, frames)
+            clips, labels = random_batch(test_rng, 50, frames, pool="heldout")
             correct += int((crnn(to_model_input(clips))[0].argmax(1) == labels).sum())
             total += len(labels)
     results["crnn"] = {"steps": steps, "wall_minutes": round((time.perf_counter() - started) / 60, 2), "real_test_accuracy": correct / total,
@@ -272,7 +273,7 @@ def _unconditioned_clip(model, config, wanted: int, seed: int) -> np.ndarray:
     from rnnimg.models.layout import to_model_input
     from rnnimg.tasks.digits_synth import render_sequence, to_rgb
 
-    grey, _ = render_sequence(np.random.default_rng(seed), config.context_frames, config.frame_size, label=wanted)
+    grey, _ = render_sequence(np.random.default_rng(seed), config.context_frames, config.frame_size, label=wanted, pool="heldout")
     with torch.inference_mode():
         predicted = model.rollout(to_model_input(to_rgb(grey)), config.future_frames)[0]  # (F, 1, H, W)
     return np.concatenate([grey, np.rint(predicted[:, 0].numpy() * 255).astype(np.uint8)])

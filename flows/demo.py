@@ -1,9 +1,11 @@
 """The whole product on embedded defaults: synthetic archive -> train -> label -> accuracy -> review page.
 
-    make demo            # or: python flows/demo.py --out demo-output
+    make demo            # or: python flows/demo.py --out demo-output [-v]
 
 Runs the ``train-crnn`` and ``label-videos`` Prefect flows in this process (no Prefect server,
 no credentials; Ray starts in-process), on a local folder by default or any ``s3://`` prefix.
+Progress goes to stderr (a bar per phase on a terminal, else a line per epoch and per committed
+shard); Ray's own output and Prefect's per-task lines only with ``-v``.
 """
 
 from __future__ import annotations
@@ -15,12 +17,14 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from label_videos import LabelParams, label_videos  # noqa: E402
-from train_crnn import TrainParams, train_crnn  # noqa: E402
 
-from rnnimg import storage  # noqa: E402
-from rnnimg.report import build_report  # noqa: E402
-from rnnimg.synth import SynthConfig, make_archive  # noqa: E402
+def quiet_prefect() -> None:
+    """Prefect's flow-run lines only: no per-task "Finished in state Completed()", no temporary-server notices.
+
+    Set before Prefect is imported (it reads its logging settings then); the environment wins.
+    """
+    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+    os.environ.setdefault("PREFECT_LOGGING_LOGGERS_PREFECT_FLOW_RUNS_LEVEL", "INFO")
 
 
 def main() -> int:
@@ -30,7 +34,21 @@ def main() -> int:
     parser.add_argument("--epochs", type=int, default=12, help="training epochs (default 12)")
     parser.add_argument("--workers", type=int, default=2, help="Ray Train workers (default 2)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("-v", "--verbose", action="store_true", help="also show Ray's own output and Prefect's per-task lines")
     args = parser.parse_args()
+
+    from rnnimg.runtime import set_verbose
+
+    set_verbose(args.verbose)
+    if not args.verbose:
+        quiet_prefect()
+    # Imported now: Prefect reads its logging settings at import.
+    from label_videos import LabelParams, label_videos
+    from train_crnn import TrainParams, train_crnn
+
+    from rnnimg import storage
+    from rnnimg.report import build_report
+    from rnnimg.synth import SynthConfig, make_archive
 
     started = time.perf_counter()
     archive = storage.join(args.out, "archive")

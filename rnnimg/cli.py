@@ -9,6 +9,10 @@
 Every location takes a local path or ``s3://bucket/prefix`` (endpoint from AWS_ENDPOINT_URL,
 credentials from the standard AWS chain). Bad arguments and missing inputs end with one line
 on stderr and exit status 2; nothing is printed as a traceback.
+
+stdout gets the command's JSON summary; stderr its progress (``rnnimg.progress``): a bar on a
+terminal, else one line per epoch (train) or per committed shard (label). Ray's own logs,
+warnings and progress bars stay in its log files unless ``-v`` (``rnnimg -v train ...``).
 """
 
 from __future__ import annotations
@@ -16,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 
 EXIT_USAGE = 2
@@ -82,7 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train recurrent video models (CRNN) with Ray Train and label video archives with Ray Data. "
         "Locations are local paths or s3://bucket/prefix.",
     )
-    parser.add_argument("-v", "--verbose", action="store_true", help="log progress at INFO level")
+    verbose_help = ("also show Ray's own logs, warnings and progress bars, and rnnimg's INFO lines; progress is then "
+                    "plain lines (default: Ray's output stays in its log files, errors are always shown)")
+    parser.add_argument("-v", "--verbose", action="store_true", help=verbose_help)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
 
@@ -224,6 +229,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seconds", type=_positive_float, default=4.0, help="with --from: seconds of video to show, read and predicted (default 4)")
     p.add_argument("--seed", type=int, default=0, help="with --label: draws the first frame's digits and places (default 0)")
     p.add_argument("--out", required=True, help="the video to write (.mp4; local path or s3:// URL)")
+    for command in sub.choices.values():  # -v after the command too: `rnnimg train -v ...`
+        command.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help=verbose_help)
     return parser
 
 
@@ -295,11 +302,18 @@ def _run(args) -> dict:
     raise AssertionError(args.command)
 
 
+def configure_output(verbose: bool) -> None:
+    """rnnimg's log level, and how much of Ray's own output is shown (``rnnimg.runtime.set_verbose``), before Ray starts."""
+    from rnnimg.runtime import set_verbose
+
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    set_verbose(verbose)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "0")
+    configure_output(args.verbose)
     from rnnimg.label import LabelError
     from rnnimg.manifest import ManifestError
     from rnnimg.runtime import ClusterUnreachable

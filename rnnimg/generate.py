@@ -116,7 +116,8 @@ def generate_clip(model, config, label_id: int, seed: int) -> np.ndarray:
     from rnnimg.models.layout import to_model_input
     from rnnimg.tasks.digits_synth import render_sequence, to_rgb
 
-    grey, _ = render_sequence(np.random.default_rng(seed), config.context_frames, config.frame_size, label=label_id)
+    # The first frames from the held-out handwriting (digits_synth.digit_pool): digits no training sequence drew.
+    grey, _ = render_sequence(np.random.default_rng(seed), config.context_frames, config.frame_size, label=label_id, pool="heldout")
     clip = to_model_input(to_rgb(grey))  # (K, H, W) -> (1, K, 3, H, W)
     labels = torch.tensor([label_id]) if config.labels else None
     with torch.inference_mode():

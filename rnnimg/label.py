@@ -47,6 +47,7 @@ import numpy as np
 from rnnimg import checkpoint, storage, tables, tasks
 from rnnimg.manifest import VideoRow, list_inputs, shards
 from rnnimg.models.precision import check_precision
+from rnnimg.progress import LabelProgress
 from rnnimg.store_lock import StoreLock
 from rnnimg.video.clips import Clip, ClipSpec, clip_count, uniform_clips
 
@@ -316,12 +317,14 @@ class Predictor:
                  parts_out: str | None = None, embeddings: bool = False):
         import torch
 
+        from rnnimg.models.inference import for_inference
         from rnnimg.models.precision import autocast_dtype
 
         if threads:
             torch.set_num_threads(max(1, int(threads)))
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.task, self.model, self.config, self.model_id = tasks.load_model(model_uri, self.device)
+        for_inference(self.model)  # norms folded into their convs, channels-last: the same function, cheaper
         self.amp_dtype = autocast_dtype(precision, self.device)
         self.columns = dict(self.task.clip_columns())
         self.embeddings = embeddings
@@ -735,7 +738,7 @@ def _committer_class():
 
 
 def commit_stream(records, out: str, run: dict, task: tasks.Task, all_shards: list[list[VideoRow]], pending: list[int],
-                  min_segment_seconds: float, lock: StoreLock, submit=None) -> list[dict]:
+                  min_segment_seconds: float, lock: StoreLock, submit=None, progress: LabelProgress | None = None) -> list[dict]:
     """Follow the workers' records, in any order; commit each shard as soon as all of its rows are in.
 
     The records are ``stage_parts``'s: status rows, and per (shard, video, range) which clip
@@ -752,6 +755,9 @@ def commit_stream(records, out: str, run: dict, task: tasks.Task, all_shards: li
         submit: ``submit(out, shard, run, task_name, parts, videos, min_segment_seconds, fence)``
             -> a handle whose commit ``wait`` resolves (a Ray task on the workers); None commits
             in this process.
+        progress: told of each video whose clips are all in and each shard committed (default:
+            a ``LabelProgress`` of the pending shards on stderr: a bar on a terminal, else a
+            line per committed shard).
 
     Returns:
         The completion records of the shards committed.
@@ -769,6 +775,9 @@ def commit_stream(records, out: str, run: dict, task: tasks.Task, all_shards: li
     meta = {"run_id": run["run_id"], "model_id": run["model_id"]}
     fence = lock.fence()
     handles = []
+    if progress is None:
+        progress = LabelProgress(sum(len(all_shards[i]) for i in pending), len(pending))
+    committing = []  # (handle, videos, clips) of the commits submitted and not yet seen done
 
     def complete(shard: int, uri: str) -> bool:
         status = ranges.get(shard, {}).get(uri, {})
@@ -799,6 +808,7 @@ def commit_stream(records, out: str, run: dict, task: tasks.Task, all_shards: li
                 parts.setdefault(shard, set()).add(str(batch["part"][j]))
             if uri in waiting[shard] and complete(shard, uri):
                 waiting[shard].discard(uri)
+                progress.video_done(sum(part["clips"] for part in ranges[shard][uri].values()))
             if not waiting[shard]:
                 shard_ranges = ranges.pop(shard, {})
                 attempts = {row.video_uri: row.attempt for row in all_shards[shard]}
@@ -806,15 +816,46 @@ def commit_stream(records, out: str, run: dict, task: tasks.Task, all_shards: li
                 lock.check()
                 args = (out, shard, run, task.name, sorted(parts.pop(shard, ())), videos, min_segment_seconds, fence)
                 handles.append(submit(*args) if submit is not None else commit_shard(*args))
+                committing.append((handles[-1], len(videos), sum(v["clips"] for v in videos)))
                 waiting.pop(shard)
                 for video, status in shard_ranges.items():  # the driver holds only shards in flight
                     for r in status:
                         clip_ranges.pop((video, r), None)
+        committing = _report_commits(committing, progress)
     if submit is not None:
         handles = _wait_commits(handles)
+    for _, videos_in_shard, clips_in_shard in committing:  # the commits still running then: done now (else _wait_commits raised)
+        progress.shard_committed(videos_in_shard, clips_in_shard)
+    progress.close()
     if waiting:
         raise RuntimeError(f"the pipeline ended with shards {sorted(waiting)} incomplete")
     return handles
+
+
+def _report_commits(committing: list[tuple], progress: LabelProgress) -> list[tuple]:
+    """Tell ``progress`` of the commits done by now, without waiting; returns those still running.
+
+    ``committing``: ``(handle, videos, clips)`` per commit. A commit made in this process is done
+    when submitted; a Ray one (an ObjectRef) when ``ray.wait`` says so.
+    """
+    if not committing:
+        return committing
+    import ray
+
+    refs = [c[0] for c in committing if isinstance(c[0], ray.ObjectRef)]
+    finished = set(ray.wait(refs, num_returns=len(refs), timeout=0)[0]) if refs else set()
+    running = []
+    for handle, videos, clips in committing:
+        if isinstance(handle, ray.ObjectRef):
+            if handle not in finished:
+                running.append((handle, videos, clips))
+                continue
+            try:
+                ray.get(handle)  # finished: the record, or the commit's error
+            except ray.exceptions.RayError:
+                continue  # not committed: _wait_commits raises it
+        progress.shard_committed(videos, clips)
+    return running
 
 
 def _wait_commits(handles: list) -> list:

@@ -1,4 +1,4 @@
-"""Summaries of label tables with Dask: per label (or mask area), per video, a review queue and an HTML page.
+"""Summaries of label tables with Dask: per label (mask area, class, surprise), per video, and a review page.
 
     rnnimg report LABELS --out REPORT [--threshold 0.6] [--timeline-videos 20]
 
@@ -37,6 +37,30 @@ Outputs of a segmentation run (task ``segment``: the masks table, one row per sa
     REPORT/index.html            area histogram, the mask-area timeline of the first videos, and overlays: frames of
                                  the first videos decoded at their sampled times and the mask's resolution, the
                                  decoded mask drawn over each (a video that cannot be decoded gets a note)
+
+Outputs of an objects run (task ``objects``: the objects table, one row per detection, and the tracks table)::
+
+    REPORT/classes.parquet       one row per class: detections, share, tracks, seconds_seen, mean_score
+    REPORT/videos/part-*.parquet one row per video: status, detections, classes seen, the class seen longest, ...
+    REPORT/summary.json          the task, counts, the overlays drawn and the notes of those that could not be
+    REPORT/index.html            the review page: overview (as above), detections per class, score histogram, the
+                                 classes seen over time; per video of the first ``timeline_videos`` a player over one
+                                 timeline lane per class (segments: runs of sampled frames with the class detected,
+                                 click one to seek), and for the first ``overlay_videos`` of them the detections' boxes
+                                 drawn over frames decoded at their sampled times
+
+Outputs of a next-frame run (task ``predict``: the clips table with a ``surprise`` column)::
+
+    REPORT/ranking.parquet       the ``surprising_clips`` most surprising clips, rank 1 first
+    REPORT/videos/part-*.parquet one row per video: status, clips, mean and max surprise, ...
+    REPORT/thumbs/rank-*.jpg     the frame shown at each ranked clip's start, decoded
+    REPORT/summary.json          the task, counts, mean and extreme surprise
+    REPORT/index.html            the review page: overview, surprise histogram and timelines, the ranking (each
+                                 clip's start frame; a click plays the clip from its start), per video a player over
+                                 its clips coloured by surprise (click one to seek)
+
+The classify, objects and predict pages share one design (``_page``): the overview (``_overview_html``),
+players with clickable timeline tracks (``video_panel``), one queue player for listed clips (``_play_button``).
 """
 
 from __future__ import annotations
@@ -130,6 +154,62 @@ MASK_VIDEOS_SUMMARY = pa.schema(
 )
 
 
+CLASSES_TABLE = "classes.parquet"  # REPORT/classes.parquet (objects): one row per class, in the CLASSES_SUMMARY schema
+RANKING_TABLE = "ranking.parquet"  # REPORT/ranking.parquet (predict): the most surprising clips, in the RANKING schema
+
+CLASSES_SUMMARY = pa.schema(
+    [
+        pa.field("label", pa.string(), nullable=False),  # the class
+        pa.field("detections", pa.int64(), nullable=False),  # rows of the objects table (sampled frames with the class detected)
+        pa.field("share", pa.float64(), nullable=False),  # detections / all detections
+        pa.field("tracks", pa.int64(), nullable=False),  # rows of the tracks table: videos the class is seen in
+        pa.field("seconds_seen", pa.float64(), nullable=False),  # the tracks' seconds seen, summed
+        pa.field("mean_score", pa.float64()),  # mean presence probability of the detections; null with none
+    ]
+)
+
+OBJECT_VIDEOS_SUMMARY = pa.schema(
+    [
+        pa.field("video_uri", pa.string(), nullable=False),
+        pa.field("status", pa.string(), nullable=False),  # ok | partial | failed (from the videos table)
+        pa.field("duration_s", pa.float64()),  # declared duration; null if the video could not be opened
+        pa.field("clips", pa.int64(), nullable=False),  # clips labelled (from the videos table)
+        pa.field("detections", pa.int64(), nullable=False),  # rows of the objects table
+        pa.field("classes", pa.int64(), nullable=False),  # classes seen (rows of the tracks table)
+        pa.field("top_class", pa.string()),  # the class seen longest (ties: first by name); null with none
+        pa.field("top_class_seconds", pa.float64()),  # its seconds seen
+        pa.field("mean_score", pa.float64()),  # mean score of the detections; null with none
+        pa.field("error_type", pa.string()),
+        pa.field("run_id", pa.string(), nullable=False),  # the run whose labels these are
+    ]
+)
+
+SURPRISE_VIDEOS_SUMMARY = pa.schema(
+    [
+        pa.field("video_uri", pa.string(), nullable=False),
+        pa.field("status", pa.string(), nullable=False),  # ok | partial | failed (from the videos table)
+        pa.field("duration_s", pa.float64()),  # declared duration; null if the video could not be opened
+        pa.field("clips", pa.int64(), nullable=False),  # clips with a surprise score
+        pa.field("mean_surprise", pa.float64()),  # mean over those clips; null with none
+        pa.field("max_surprise", pa.float64()),  # the largest; null with none
+        pa.field("error_type", pa.string()),
+        pa.field("run_id", pa.string(), nullable=False),  # the run whose labels these are
+    ]
+)
+
+RANKING = pa.schema(
+    [
+        pa.field("rank", pa.int64(), nullable=False),  # 1: the most surprising clip
+        pa.field("video_uri", pa.string(), nullable=False),
+        pa.field("clip_index", pa.int32(), nullable=False),
+        pa.field("start_s", pa.float64(), nullable=False),
+        pa.field("end_s", pa.float64(), nullable=False),
+        pa.field("surprise", pa.float64(), nullable=False),
+        pa.field("run_id", pa.string(), nullable=False),
+    ]
+)
+
+
 class ReportError(ValueError):
     """The labels location holds no label tables the report can read; the message says why."""
 
@@ -142,14 +222,15 @@ class ReportConfig:
     timeline_videos: int = 20  # videos drawn in the label timeline (the first ones by URI)
     review_examples: int = 25  # lowest-scoring clips listed on the HTML page
     score_bins: int = 20  # bins of the score histogram over [0, 1]
-    # Masks (task segment) only:
-    overlay_videos: int = 4  # videos drawn with their masks over their frames (the first by URI with masks)
+    # Masks (task segment) and boxes (task objects):
+    overlay_videos: int = 4  # videos drawn with their masks or boxes over their frames (the first by URI with any)
     overlay_frames: int = 4  # sampled frames drawn per overlay video, spread over the video
     area_bins: int = 20  # bins of the mask-area histogram over [0, 1]
-    # The review page (classify): players of the first ``timeline_videos`` videos, the failed files.
+    # The review page (classify, objects, predict): players of the first ``timeline_videos`` videos, the failed files.
     link_expires_s: int = 24 * 3600  # lifetime of the presigned URLs of s3:// videos (at most 7 days, SigV4's limit)
     problem_videos: int = 100  # failed or partial videos listed with their reasons
     thumbnails: int = 12  # keyframe thumbnails per video panel (its first segments); 0: none
+    surprising_clips: int = 25  # task predict: the most surprising clips ranked on the page, each with a thumbnail
 
     def __post_init__(self) -> None:
         if not 0.0 < self.threshold <= 1.0:
@@ -170,6 +251,8 @@ class ReportConfig:
             raise ValueError(f"link_expires_s must be an integer in [60, 604800] (7 days), got {self.link_expires_s!r}")
         if not isinstance(self.thumbnails, int) or self.thumbnails < 0:
             raise ValueError(f"thumbnails must be an integer >= 0, got {self.thumbnails!r}")
+        if not isinstance(self.surprising_clips, int) or self.surprising_clips < 0:
+            raise ValueError(f"surprising_clips must be an integer >= 0, got {self.surprising_clips!r}")
         if not isinstance(self.problem_videos, int) or self.problem_videos < 0:
             raise ValueError(f"problem_videos must be an integer >= 0, got {self.problem_videos!r}")
 
@@ -187,6 +270,8 @@ class LabelSource:
     model_id: str | None = None
     task: str = checkpoint.DEFAULT_TASK  # the model's task, as the runs recorded it
     masks: list[str] = field(default_factory=list)  # Parquet files of the masks tables (task segment)
+    objects: list[str] = field(default_factory=list)  # Parquet files of the objects tables (task objects)
+    tracks: list[str] = field(default_factory=list)  # Parquet files of the tracks tables (task objects)
 
 
 @dataclass(frozen=True)
@@ -271,6 +356,93 @@ class MasksReportResult:
         ]
 
 
+@dataclass(frozen=True)
+class ObjectsReportResult:
+    """The counts of an objects (task ``objects``) report, written to ``summary.json``."""
+
+    out: str  # the report folder
+    html: str  # its HTML page
+    labels: str  # what was read
+    model_id: str | None
+    runs: list[str]
+    videos: int  # videos in the report (current rows)
+    ok: int
+    partial: int
+    failed: int
+    detections: int  # rows of the objects tables
+    tracks: int  # rows of the tracks tables (one per video and class seen)
+    class_detections: dict[str, int]  # detections per class
+    overlays: list[str]  # videos drawn with their boxes over their frames
+    overlay_notes: dict[str, str]  # video -> why its boxes could not be drawn
+    seconds: float
+    task: str = "objects"
+
+    TABLE: ClassVar[str] = CLASSES_TABLE
+    TABLE_KEY: ClassVar[str] = "classes"
+    TABLE_COLUMNS: ClassVar[list[str]] = ["label", "detections", "share", "tracks", "seconds_seen", "mean_score"]
+    TABLE_FORMATS: ClassVar[dict[str, str]] = {"share": "{:.3f}", "seconds_seen": "{:.1f}", "mean_score": "{:.3f}"}
+    TABLE_DESCRIPTION: ClassVar[str] = "Detections, tracks and seconds seen per class"
+    PAGE_DESCRIPTION: ClassVar[str] = "Review page: detections per class, score histogram, per-class timelines with players, boxes over frames"
+
+    def summary(self) -> dict:
+        return asdict(self)
+
+    def headline(self) -> list[str]:
+        """The report in a few markdown lines (the label-report flow's summary artifact)."""
+        return [
+            f"task `objects`, model `{self.model_id}`, runs {', '.join(self.runs) or 'not recorded'}",
+            f"{self.videos} videos: {self.ok} ok, {self.partial} partial, {self.failed} failed; {self.detections} detections, "
+            f"{self.tracks} tracks of {len(self.class_detections)} classes",
+            f"box overlays of {len(self.overlays)} videos" + (f", {len(self.overlay_notes)} could not be drawn" if self.overlay_notes else ""),
+            f"report `{self.html}`, built in {self.seconds:.1f} s",
+        ]
+
+
+@dataclass(frozen=True)
+class SurpriseReportResult:
+    """The counts of a surprise (task ``predict``) report, written to ``summary.json``."""
+
+    out: str  # the report folder
+    html: str  # its HTML page
+    labels: str  # what was read
+    model_id: str | None
+    runs: list[str]
+    videos: int  # videos in the report (current rows)
+    ok: int
+    partial: int
+    failed: int
+    clips: int  # clips with a surprise score
+    mean_surprise: float | None  # over those clips; None with none
+    min_surprise: float | None
+    max_surprise: float | None
+    ranked: int  # rows of ranking.parquet
+    thumbnail_notes: dict[str, str]  # video -> why its ranked clips have no thumbnail
+    seconds: float
+    task: str = "predict"
+
+    TABLE: ClassVar[str] = RANKING_TABLE
+    TABLE_KEY: ClassVar[str] = "ranking"
+    TABLE_COLUMNS: ClassVar[list[str]] = ["rank", "video_uri", "clip_index", "start_s", "end_s", "surprise"]
+    TABLE_FORMATS: ClassVar[dict[str, str]] = {"start_s": "{:.2f}", "end_s": "{:.2f}", "surprise": "{:.3f}"}
+    TABLE_DESCRIPTION: ClassVar[str] = "The most surprising clips"
+    PAGE_DESCRIPTION: ClassVar[str] = "Review page: surprise histogram, the most surprising clips playable from their start, surprise timelines"
+
+    def summary(self) -> dict:
+        return asdict(self)
+
+    def headline(self) -> list[str]:
+        """The report in a few markdown lines (the label-report flow's summary artifact)."""
+        mean = "n/a" if self.mean_surprise is None else f"{self.mean_surprise:.3f}"
+        top = "n/a" if self.max_surprise is None else f"{self.max_surprise:.3f}"
+        return [
+            f"task `predict`, model `{self.model_id}`, runs {', '.join(self.runs) or 'not recorded'}",
+            f"{self.videos} videos: {self.ok} ok, {self.partial} partial, {self.failed} failed; {self.clips} clips scored, "
+            f"mean surprise {mean}, largest {top}",
+            f"the {self.ranked} most surprising clips in `{storage.join(self.out, RANKING_TABLE)}`",
+            f"report `{self.html}`, built in {self.seconds:.1f} s",
+        ]
+
+
 # ----------------------------------------------------------------------------- inputs
 
 
@@ -313,7 +485,8 @@ def resolve_labels(labels: str, model_id: str | None = None) -> LabelSource:
         )
     clips = [f for d in source.run_dirs for f in _parquet_files(storage.join(d, "clips"))]
     videos = [f for d in source.run_dirs for f in _parquet_files(storage.join(d, "videos"))]
-    masks = [f for d in source.run_dirs for f in _parquet_files(storage.join(d, "masks"))]
+    found_tables = {name: [f for d in source.run_dirs for f in _parquet_files(storage.join(d, name))]
+                    for name in ("masks", "objects", "tracks")}
     if not videos:
         raise ReportError(f"no videos table under {labels} (looked in {', '.join(storage.join(d, 'videos') for d in source.run_dirs)})")
     found = {d: _run_task(d) for d in source.run_dirs}
@@ -321,7 +494,7 @@ def resolve_labels(labels: str, model_id: str | None = None) -> LabelSource:
         raise ReportError(f"the runs under {labels} are of different tasks ({', '.join(f'{d}: {t}' for d, t in found.items())}); "
                           "report one model at a time (--model-id)")
     task = next(iter(found.values()), checkpoint.DEFAULT_TASK)
-    return LabelSource(source.location, source.kind, source.runs, source.run_dirs, clips, videos, source.model_id, task, masks)
+    return LabelSource(source.location, source.kind, source.runs, source.run_dirs, clips, videos, source.model_id, task, **found_tables)
 
 
 def _run_task(run_dir: str) -> str:
@@ -368,6 +541,11 @@ def _superseded(videos, runs: list[str]) -> set[tuple[str, str]]:
     latest = rows["video_uri"].map(repeated["max"])
     old = rows[rows["run_order"] < latest]
     return set(zip(old["video_uri"], old["run_id"]))
+
+
+def _current(frame, superseded: set[tuple[str, str]]):
+    """A Dask frame without the rows of ``superseded`` (video, run) pairs: each video's latest labels."""
+    return frame.map_partitions(_drop_rows, superseded, meta=frame._meta) if superseded else frame
 
 
 def _drop_rows(frame, pairs: set[tuple[str, str]]):
@@ -445,11 +623,12 @@ def _write_partitions(frame, location: str, schema: pa.Schema):
 
 
 def build_report(labels: str, out: str, config: ReportConfig = ReportConfig(),
-                 model_id: str | None = None) -> "ReportResult | MasksReportResult":
+                 model_id: str | None = None) -> "ReportResult | MasksReportResult | ObjectsReportResult | SurpriseReportResult":
     """Summarise the label tables under ``labels`` into ``out`` (tables, summary.json, index.html).
 
     The report is the one of the runs' task (``_REPORTS``): per label for a classifier's clips,
-    per mask area for a segmenter's masks.
+    per mask area for a segmenter's masks, per class for an objects model's detections and tracks,
+    the most surprising clips for a next-frame model.
 
     Args:
         labels: a labelling output or a ``label-videos`` base (see the module docstring).
@@ -536,18 +715,17 @@ def _clips_report(source: LabelSource, out: str, config: ReportConfig, started: 
         if superseded:
             segments = segments.map_partitions(_drop_rows, superseded, meta=segments._meta)
         segments = segments[segments["video_uri"].isin(timeline_uris)]
-    problems = videos[videos["status"] != "ok"][["video_uri", "status", "error_type", "error"]]
     timeline_clips, timeline_videos, timeline_segments, problem_rows = dask.compute(
         clips[clips["video_uri"].isin(timeline_uris)][["video_uri", "start_s", "end_s", "label", "score"]],
         videos[videos["video_uri"].isin(timeline_uris)],
         segments if segments is not None else clips._meta[["video_uri"]],
-        problems.map_partitions(lambda f, n: f.head(n), config.problem_videos, meta=problems._meta),
+        _problem_rows(videos, config.problem_videos),
     )
     if segments is None:
         timeline_segments = merge_clips(timeline_clips)
     else:
         timeline_segments = timeline_segments.rename(columns={"mean_score": "score"})
-    problem_rows = problem_rows.sort_values("video_uri").head(config.problem_videos)
+    problem_rows = _first_problems(problem_rows, config.problem_videos)
 
     counts = {s: int(statuses_s.get(s, 0)) for s in tables.VIDEO_STATUSES}
     error_types = {str(k): int(v) for k, v in errors_s.items()}
@@ -651,21 +829,23 @@ def _png(figure) -> str:
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
-def _plot_distribution(label_frame, colors) -> str | None:
+def _plot_distribution(label_frame, colors, value: str = "clips", title: str = "Label distribution") -> str | None:
     from matplotlib.figure import Figure
 
     if label_frame.empty:
         return None
     figure = Figure(figsize=(6, 0.5 + 0.4 * len(label_frame)))
     axes = figure.subplots()
-    axes.barh(label_frame["label"], label_frame["clips"], color=[colors[l] for l in label_frame["label"]])
+    axes.barh(label_frame["label"], label_frame[value], color=[colors[l] for l in label_frame["label"]])
     axes.invert_yaxis()
-    axes.set_xlabel("clips")
-    axes.set_title("Label distribution")
+    axes.set_xlabel(value)
+    axes.set_title(title)
     return _png(figure)
 
 
-def _plot_histogram(histogram, bins: int, threshold: float, colors) -> str | None:
+def _plot_histogram(histogram, bins: int, threshold: float | None, colors, threshold_label: str = "review threshold",
+                    xlabel: str = "score (softmax probability of the predicted label)", ylabel: str = "clips") -> str | None:
+    """Stacked per label: counts per score bin over [0, 1] (``histogram``: a (label, bin) -> count series), a line at ``threshold``."""
     import numpy as np
     from matplotlib.figure import Figure
 
@@ -682,10 +862,11 @@ def _plot_histogram(histogram, bins: int, threshold: float, colors) -> str | Non
             values[int(b)] = n
         axes.bar(edges[:-1], values, width=1.0 / bins, bottom=bottom, align="edge", color=colors.get(label), label=str(label))
         bottom += values
-    axes.axvline(threshold, color="black", linestyle="--", linewidth=1, label=f"review threshold {threshold:g}")
+    if threshold is not None:
+        axes.axvline(threshold, color="black", linestyle="--", linewidth=1, label=f"{threshold_label} {threshold:g}")
     axes.set_xlim(0, 1)
-    axes.set_xlabel("score (softmax probability of the predicted label)")
-    axes.set_ylabel("clips")
+    axes.set_xlabel(xlabel)
+    axes.set_ylabel(ylabel)
     axes.set_title("Score histogram")
     axes.legend(fontsize="small")
     return _png(figure)
@@ -854,10 +1035,11 @@ def _fmt_s(seconds: float) -> str:
 def timeline_html(duration_s: float, tracks: list[tuple[str, list[dict]]], colors: dict[str, str]) -> str:
     """The clickable timeline under a player: one row per track, one button per segment.
 
-    Each segment is ``{"start_s", "end_s", "label", "score"}`` (score may be None); overlapping
-    segments are drawn up to the next one's start, so each instant has one colour. Clicking a
-    segment seeks the panel's player to its ``start_s`` (the page's script). Other tasks add
-    their own tracks (objects per class, surprise per frame) to the same panel.
+    Each segment is ``{"start_s", "end_s", "label", "score"}`` (score may be None; optional
+    ``color`` and ``title`` replace the label's colour and the hover text); overlapping segments
+    are drawn up to the next one's start, so each instant has one colour. Clicking a segment
+    seeks the panel's player to its ``start_s`` (the page's script). Each task draws its own
+    tracks: labels (classify), one per class (objects), surprise per clip (predict).
     """
     rows = []
     for name, segments in tracks:
@@ -872,11 +1054,11 @@ def timeline_html(duration_s: float, tracks: list[tuple[str, list[dict]]], color
             width = max(0.2, 100.0 * (end - start) / duration_s)
             score = seg.get("score")
             score_text = "" if score is None or score != score else f", score {float(score):.3f}"
-            title = f"{seg['label']}: {_fmt_s(seg['start_s'])} to {_fmt_s(seg['end_s'])}{score_text}"
+            title = seg.get("title") or f"{seg['label']}: {_fmt_s(seg['start_s'])} to {_fmt_s(seg['end_s'])}{score_text}"
             buttons.append(
                 f'<button type="button" class="seg" data-start="{start:.3f}" data-end="{float(seg["end_s"]):.3f}" '
                 f'data-label="{html.escape(str(seg["label"]))}" title="{html.escape(title)}" '
-                f'style="left:{left:.3f}%;width:{min(width, 100.0 - left):.3f}%;background:{colors.get(seg["label"], "#999")}">'
+                f'style="left:{left:.3f}%;width:{min(width, 100.0 - left):.3f}%;background:{seg.get("color") or colors.get(seg["label"], "#999")}">'
                 f"</button>"
             )
         rows.append(f'<div class="track"><span class="track-name">{html.escape(name)}</span>'
@@ -886,10 +1068,11 @@ def timeline_html(duration_s: float, tracks: list[tuple[str, list[dict]]], color
 
 
 def video_panel(uri: str, src: str | None, note: str, heading: str, duration_s: float, tracks: list[tuple[str, list[dict]]],
-                colors: dict[str, str], index: int, thumbs: list[tuple[float, float, str]] = ()) -> str:
+                colors: dict[str, str], index: int, thumbs: list[tuple[float, float, str]] = (), extra: str = "") -> str:
     """One video of the review page: its player (or why there is none), its timeline tracks and its thumbnails.
 
     ``thumbs``: ``(segment start, keyframe time, relative image path)``; clicking one seeks like its segment.
+    ``extra``: ready HTML under them (the objects report's box overlays).
     """
     poster = f' poster="{html.escape(thumbs[0][2])}"' if thumbs else ""
     player = (f'<video class="player" controls preload="metadata"{poster} src="{html.escape(src)}"></video>' if src
@@ -900,7 +1083,7 @@ def video_panel(uri: str, src: str | None, note: str, heading: str, duration_s: 
     return (f'<section class="video" id="video-{index}" data-uri="{html.escape(uri)}"><h3>{html.escape(storage.basename(uri))}</h3>'
             f'<p class="meta">{html.escape(heading)} <span class="where">({html.escape(uri)}; {html.escape(note)})</span></p>'
             f"{player}{timeline_html(duration_s, tracks, colors)}"
-            + (f'<div class="thumbs">{strip}</div>' if strip else "") + "</section>")
+            + (f'<div class="thumbs">{strip}</div>' if strip else "") + extra + "</section>")
 
 
 def _panel_thumbnails(uri: str, starts: list[float], out: str, index: int, limit: int) -> list[tuple[float, float, str]]:
@@ -938,6 +1121,7 @@ video{width:400px;max-width:100%;max-height:300px;background:#000;display:block}
 .legend span{display:inline-block;padding:1px 8px;margin:2px;color:#fff;font-size:85%}
 #queue-player{width:400px;max-width:100%}
 .thumbs{margin-top:4px} .thumb{height:54px;margin-right:3px;cursor:pointer;border:1px solid #ccc}
+.start-thumb{height:72px;display:block} .queue-play{cursor:pointer} figure.overlay{margin:4px 0}
 """
 
 _SCRIPT = """
@@ -975,12 +1159,100 @@ _SCRIPT = """
 """
 
 
+# Pieces of every review page (classify, objects, predict): the overview, the players, the page itself.
+
+
+def _problem_rows(videos, limit: int):
+    """A Dask frame of at most ``limit`` failed or partial videos per partition, with their reasons (``_first_problems`` finishes it)."""
+    problems = videos[videos["status"] != "ok"][["video_uri", "status", "error_type", "error"]]
+    return problems.map_partitions(lambda f, n: f.head(n), limit, meta=problems._meta)
+
+
+def _first_problems(rows, limit: int):
+    """The first ``limit`` computed problem rows by URI."""
+    return rows.sort_values("video_uri").head(limit)
+
+
+def _overview_html(counts: str, model_id: str | None, runs: list[str], errors: dict, statuses: dict[str, int], problems) -> list[str]:
+    """The overview every page opens with: the counts, model and runs, errors by type, videos per status, the failed
+    and partial videos with their reasons (the first ``problem_videos``; the rest are in ``videos/``)."""
+    errors_line = ", ".join(f"{k}: {v}" for k, v in sorted(errors.items())) or "none"
+    status_table = "<table><thead><tr><th>status</th><th>videos</th></tr></thead><tbody>" + "".join(
+        f"<tr><td>{s}</td><td>{statuses.get(s, 0)}</td></tr>" for s in ("ok", "partial", "failed")) + "</tbody></table>"
+    problem_part = "<p>None: every video was labelled whole.</p>"
+    if problems is not None and len(problems):
+        more = statuses.get("failed", 0) + statuses.get("partial", 0) - len(problems)
+        problem_part = _table_html(problems, ["video_uri", "status", "error_type", "error"]) + (
+            f"<p>{more} more in <code>videos/</code>.</p>" if more > 0 else "")
+    return [
+        f'<h2 id="overview">Overview</h2><p>{html.escape(counts)}.</p>',
+        f"<p>Model {html.escape(str(model_id))}; runs read: {html.escape(', '.join(runs) or 'not recorded')}. "
+        f"Errors by type: {html.escape(errors_line)}.</p>",
+        status_table,
+        "<h3>Failed and partial videos</h3>",
+        problem_part,
+    ]
+
+
+def _panel_player(uri: str, status: str | None, error: str | None, out: str, config: ReportConfig) -> tuple[str | None, str]:
+    """``(src, note)`` of a panel's player: none for a video whose labelling failed (the note says why), else ``video_src``."""
+    if status == "failed":
+        return None, f"labelling failed: {error or 'no reason recorded'}"
+    return video_src(uri, out, config.link_expires_s)
+
+
+def _panel_duration(declared, ends: list[float]) -> float:
+    """A timeline's length: the declared duration when known, stretched to the last segment's end."""
+    known = declared is not None and declared == declared and declared > 0
+    return max(float(declared) if known else max(ends, default=1.0), max(ends, default=0.0), 0.001)
+
+
+def _lifetime_html(uris, config: ReportConfig) -> str:
+    """How long the presigned links of the page's s3:// videos play (empty when there are none)."""
+    import datetime
+
+    if not any(storage.is_s3(u) for u in uris):
+        return ""
+    until = datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(seconds=config.link_expires_s)
+    return (f"<p>Videos in S3 play through presigned URLs valid {config.link_expires_s / 3600:g} h, until "
+            f"{until:%Y-%m-%d %H:%M} UTC; build the report again for fresh links.</p>")
+
+
+def _play_button(video_uri: str, start_s: float, end_s: float, caption: str, out: str, config: ReportConfig, content: str = "play") -> str:
+    """A button that plays ``video_uri`` from ``start_s`` to ``end_s`` in the page's one queue player (``#queue-player``,
+    a media fragment ``#t=start,end``); ``content``: ready HTML inside it. Without a playable link, the reason."""
+    src, note = video_src(video_uri, out, config.link_expires_s)
+    if not src:
+        return html.escape(note)
+    return (f'<button type="button" class="queue-play" data-src="{html.escape(src)}" data-start="{float(start_s):.3f}" '
+            f'data-end="{float(end_s):.3f}" data-caption="{html.escape(caption)}">{content}</button>')
+
+
+_QUEUE_PLAYER = '<video id="queue-player" controls preload="none"></video><p id="queue-now" class="meta"></p>'
+
+
+def _page(title: str, nav: list[tuple[str, str]], body: list[str], footer: str) -> str:
+    """A whole review page: inline style and script, no network, no outside file."""
+    links = "".join(f'<a href="#{anchor}">{html.escape(text)}</a>' for anchor, text in nav)
+    return "\n".join([
+        "<!doctype html>",
+        '<html lang="en"><head><meta charset="utf-8">',
+        f"<title>{html.escape(title)}</title>",
+        f"<style>{_STYLE}</style>",
+        "</head><body>",
+        f"<h1>{html.escape(title)}</h1>",
+        f"<nav>{links}</nav>",
+        *body,
+        f"<p><small>{html.escape(footer)}</small></p>",
+        f"<script>{_SCRIPT}</script>",
+        "</body></html>",
+    ])
+
+
 def _html(result: ReportResult, config: ReportConfig, label_frame, histogram, errors: dict, timeline_uris, timeline_clips,
           timeline_videos, lowest, timeline_segments=None, problems=None) -> str:
     """The review page: overview (plots, per-status counts, failed files), a player and a clickable label
     timeline per video (the first ``timeline_videos`` by URI), the review queue playable at each clip's start."""
-    import datetime
-
     colors = _colors(list(label_frame["label"]) if len(label_frame) else [])
     hex_colors = {label: _hex(c) for label, c in colors.items()}
     images = {
@@ -997,21 +1269,11 @@ def _html(result: ReportResult, config: ReportConfig, label_frame, histogram, er
         f"{result.videos} videos ({result.ok} ok, {result.partial} partial, {result.failed} failed), "
         f"{result.clips} clips, {result.low_confidence_clips} below the review threshold {config.threshold:g}"
     )
-    errors_line = ", ".join(f"{k}: {v}" for k, v in sorted(errors.items())) or "none"
     timeline_table = _timeline_table(timeline_uris, timeline_clips, timeline_videos)
     if timeline_segments is None:
         timeline_segments = merge_clips(timeline_clips)
-    status_table = "<table><thead><tr><th>status</th><th>videos</th></tr></thead><tbody>" + "".join(
-        f"<tr><td>{s}</td><td>{n}</td></tr>" for s, n in (("ok", result.ok), ("partial", result.partial), ("failed", result.failed))
-    ) + "</tbody></table>"
-    problem_part = "<p>None: every video was labelled whole.</p>"
-    if problems is not None and len(problems):
-        more = result.failed + result.partial - len(problems)
-        problem_part = _table_html(problems, ["video_uri", "status", "error_type", "error"]) + (
-            f"<p>{more} more in <code>videos/</code>.</p>" if more > 0 else "")
 
     # Per video: a player and its label timeline.
-    links_s3 = False
     durations = dict(zip(timeline_videos["video_uri"], timeline_videos["duration_s"])) if len(timeline_videos) else {}
     errors_by_uri = dict(zip(timeline_videos["video_uri"], timeline_videos["error"])) if len(timeline_videos) else {}
     storage.delete(storage.join(result.out, "thumbs"))
@@ -1022,54 +1284,27 @@ def _html(result: ReportResult, config: ReportConfig, label_frame, histogram, er
         segments = [{"start_s": float(r.start_s), "end_s": float(r.end_s), "label": r.label,
                      "score": None if r.score is None else float(r.score)} for r in mine.itertuples(index=False)]
         declared = durations.get(uri)
-        ends = [g["end_s"] for g in segments]
-        duration = float(declared) if declared is not None and declared == declared and declared > 0 else max(ends, default=1.0)
-        duration = max(duration, max(ends, default=0.0), 0.001)
+        duration = _panel_duration(declared, [g["end_s"] for g in segments])
         row = table_by_uri.get(uri, {})
-        thumbs: list = []
-        if row.get("status") == "failed":
-            src, note = None, f"labelling failed: {errors_by_uri.get(uri) or 'no reason recorded'}"
-        else:
-            src, note = video_src(uri, result.out, config.link_expires_s)
-            links_s3 = links_s3 or storage.is_s3(uri)
-            thumbs = _panel_thumbnails(uri, [g["start_s"] for g in segments], result.out, index, config.thumbnails)
+        src, note = _panel_player(uri, row.get("status"), errors_by_uri.get(uri), result.out, config)
+        failed = row.get("status") == "failed"
+        thumbs = [] if failed else _panel_thumbnails(uri, [g["start_s"] for g in segments], result.out, index, config.thumbnails)
         known = declared is not None and declared == declared
         heading = f"{row.get('status') or 'no videos row'}, {f'{float(declared):.1f} s' if known else 'duration unknown'}, {row.get('clips', 0)} clips"
         if isinstance(row.get("dominant_label"), str):
             heading += f", mostly {row['dominant_label']} ({row['dominant_share']:.0%}), mean score {row['mean_score']:.3f}"
         panels.append(video_panel(uri, src, note, heading, duration, [("label", segments)], hex_colors, index, thumbs))
-    legend = '<p class="legend">' + "".join(
-        f'<span style="background:{c}">{html.escape(l)}</span>' for l, c in hex_colors.items()) + "</p>"
-    lifetime = ""
-    if links_s3:
-        until = datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(seconds=config.link_expires_s)
-        lifetime = (f"<p>Videos in S3 play through presigned URLs valid {config.link_expires_s / 3600:g} h, until "
-                    f"{until:%Y-%m-%d %H:%M} UTC; build the report again for fresh links.</p>")
 
     # The review queue: each clip playable from its start (a media fragment #t=start,end).
     queue = lowest.copy()
-    plays = []
-    for row in queue.itertuples(index=False):
-        src, note = video_src(row.video_uri, result.out, config.link_expires_s)
-        caption = f"{row.video_uri} clip {row.clip_index}: {row.label} ({float(row.score):.3f}), {float(row.start_s):.2f} to {float(row.end_s):.2f} s"
-        plays.append(f'<button type="button" class="queue-play" data-src="{html.escape(src)}" data-start="{float(row.start_s):.3f}" '
-                     f'data-end="{float(row.end_s):.3f}" data-caption="{html.escape(caption)}">play</button>' if src else html.escape(note))
+    plays = [_play_button(row.video_uri, row.start_s, row.end_s, f"{row.video_uri} clip {row.clip_index}: {row.label} ({float(row.score):.3f}), "
+                          f"{float(row.start_s):.2f} to {float(row.end_s):.2f} s", result.out, config) for row in queue.itertuples(index=False)]
     queue_table = _table_html(queue, ["video_uri", "clip_index", "start_s", "end_s", "label", "score"],
                               {"start_s": "{:.2f}", "end_s": "{:.2f}", "score": "{:.3f}"}, ("play", plays)) if len(queue) else "<p>None.</p>"
 
-    parts = [
-        "<!doctype html>",
-        '<html lang="en"><head><meta charset="utf-8">',
-        f"<title>{html.escape(title)}</title>",
-        f"<style>{_STYLE}</style>",
-        "</head><body>",
-        f"<h1>{html.escape(title)}</h1>",
-        '<nav><a href="#overview">Overview</a><a href="#videos">Videos</a><a href="#review">Review queue</a></nav>',
-        f'<h2 id="overview">Overview</h2><p>{html.escape(counts)}.</p>',
-        f"<p>Model {html.escape(str(result.model_id))}; runs read: {html.escape(', '.join(result.runs) or 'not recorded')}. Errors by type: {html.escape(errors_line)}.</p>",
-        status_table,
-        "<h3>Failed and partial videos</h3>",
-        problem_part,
+    body = [
+        *_overview_html(counts, result.model_id, result.runs, errors, {"ok": result.ok, "partial": result.partial, "failed": result.failed},
+                        problems),
         "<h2>Labels</h2>",
         image("distribution", "clips per label"),
         _table_html(label_frame, ["label", "clips", "share", "videos", "duration_s", "mean_score", "low_confidence_clips"],
@@ -1080,20 +1315,28 @@ def _html(result: ReportResult, config: ReportConfig, label_frame, histogram, er
         image("timeline", "label timeline per video"),
         _table_html(timeline_table, ["video_uri", "status", "clips", "dominant_label", "dominant_share", "mean_score"],
                     {"dominant_share": "{:.2f}", "mean_score": "{:.3f}"}) if len(timeline_table) else "",
-        f'<h2 id="videos">Videos: the first {len(timeline_uris)} by URI</h2>',
-        "<p>Click a segment of a timeline to seek its player to the segment's start.</p>" if panels else "<p>No videos.</p>",
-        legend if panels else "",
-        lifetime,
-        '<div class="panels">' + "".join(panels) + "</div>" if panels else "",
+        *_panels_html(timeline_uris, panels, hex_colors, config, "segment"),
         f'<a id="review"></a><h2>Review queue: {result.low_confidence_clips} clips below {config.threshold:g}</h2>',
         f"<p>The full queue is in <code>review/</code>; the {min(len(lowest), config.review_examples)} lowest scores, each playable from its start:</p>",
-        '<video id="queue-player" controls preload="none"></video><p id="queue-now" class="meta"></p>' if len(queue) else "",
+        _QUEUE_PLAYER if len(queue) else "",
         queue_table,
-        f"<p><small>Generated in {result.seconds:.1f} s. Tables: labels.parquet, videos/, review/, summary.json.</small></p>",
-        f"<script>{_SCRIPT}</script>",
-        "</body></html>",
     ]
-    return "\n".join(parts)
+    return _page(title, [("overview", "Overview"), ("videos", "Videos"), ("review", "Review queue")], body,
+                 f"Generated in {result.seconds:.1f} s. Tables: labels.parquet, videos/, review/, summary.json.")
+
+
+def _panels_html(uris: list[str], panels: list[str], colors: dict[str, str], config: ReportConfig, what: str, note: str = "") -> list[str]:
+    """The Videos section: a heading, how to use it (and ``note``, ready HTML), the colours' legend, the players' link
+    lifetime, the panels."""
+    legend = '<p class="legend">' + "".join(f'<span style="background:{c}">{html.escape(l)}</span>' for l, c in colors.items()) + "</p>"
+    return [
+        f'<h2 id="videos">Videos: the first {len(uris)} by URI</h2>',
+        f"<p>Click a {what} of a timeline to seek its player to the {what}'s start.</p>" if panels else "<p>No videos.</p>",
+        note if panels else "",
+        legend if panels and colors else "",
+        _lifetime_html(uris, config) if panels else "",
+        '<div class="panels">' + "".join(panels) + "</div>" if panels else "",
+    ]
 
 
 # ----------------------------------------------------------------------------- masks (task segment)
@@ -1234,13 +1477,17 @@ def pick_overlay_rows(rows, count: int):
     Args:
         rows: a pandas frame of one video's masks rows (``frame_time_s`` and the rest).
     """
+    distinct = rows.sort_values(["frame_time_s", "clip_index"]).drop_duplicates("frame_time_s")
+    return distinct.iloc[spread(len(distinct), count)].reset_index(drop=True)
+
+
+def spread(n: int, count: int) -> list[int]:
+    """At most ``count`` positions of ``n`` items, spread evenly from the first to the last, ascending."""
     import numpy as np
 
-    distinct = rows.sort_values(["frame_time_s", "clip_index"]).drop_duplicates("frame_time_s")
-    if len(distinct) <= count:
-        return distinct.reset_index(drop=True)
-    index = np.unique(np.round(np.linspace(0, len(distinct) - 1, count)).astype(int))
-    return distinct.iloc[index].reset_index(drop=True)
+    if n <= count:
+        return list(range(n))
+    return [int(i) for i in np.unique(np.round(np.linspace(0, n - 1, count)).astype(int))]
 
 
 def overlay_frames(video_uri: str, rows) -> list[tuple[float, "np.ndarray", "np.ndarray", float]]:
@@ -1261,7 +1508,6 @@ def overlay_frames(video_uri: str, rows) -> list[tuple[float, "np.ndarray", "np.
         ValueError: a row's RLE does not decode to its height x width, or the rows have several sizes.
     """
     from rnnimg import rle
-    from rnnimg.video.clips import Clip
 
     if rows.empty:
         return []
@@ -1269,15 +1515,52 @@ def overlay_frames(video_uri: str, rows) -> list[tuple[float, "np.ndarray", "np.
     if len(sizes) != 1:
         raise ValueError(f"{video_uri}: masks of several sizes {sorted(sizes)}; expected one (the model's frame size)")
     height, width = sizes.pop()
-    times = tuple(float(t) for t in rows["frame_time_s"])
+    times = [float(t) for t in rows["frame_time_s"]]
     masks = [rle.decode({"size": [height, width], "counts": json.loads(r)}) for r in rows["rle"]]
+    frames = frames_at(video_uri, times, (height, width))
+    return [(t, frame, mask, float(a)) for t, frame, mask, a in zip(times, frames, masks, rows["area_fraction"])]
+
+
+def frames_at(video_uri: str, times: list[float], size: tuple[int, int] | None = None) -> "np.ndarray":
+    """uint8 (len(times), H, W, 3): the frames of ``video_uri`` shown at ``times`` (ascending seconds), one decode pass.
+
+    Args:
+        size: ``(height, width)`` to decode at (None: the video's own).
+
+    Raises:
+        VideoError: the video cannot be opened or decoded at those times.
+    """
+    from rnnimg.video.clips import Clip
+
+    times = tuple(float(t) for t in times)
     frames = None
-    with VideoReader(video_uri, (height, width)) as reader:
+    with VideoReader(video_uri, size) as reader:
         for _, frames in reader.clips([Clip(0, times[0], times[-1], times)]):
             pass
     if frames is None:
         raise VideoError("decode", f"{video_uri}: no frames at {', '.join(f'{t:.2f}' for t in times)} s")
-    return [(t, frame, mask, float(a)) for t, frame, mask, a in zip(times, frames, masks, rows["area_fraction"])]
+    return frames
+
+
+def _strip_png(images: list, gap: int = 4) -> str:
+    """One PNG (a data URI) of uint8 (H, W, 3) pictures of one size side by side, white between them."""
+    import matplotlib.image
+    import numpy as np
+
+    height, width = images[0].shape[:2]
+    strip = np.full((height, len(images) * (width + gap) - gap, 3), 255, np.uint8)
+    for k, picture in enumerate(images):
+        strip[:, k * (width + gap) : k * (width + gap) + width] = picture
+    buffer = io.BytesIO()
+    matplotlib.image.imsave(buffer, strip, format="png")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def _enlarge(picture: "np.ndarray", scale: int) -> "np.ndarray":
+    """A picture ``scale`` times larger, pixel for pixel (nearest): (H, W, ...) -> (H*s, W*s, ...)."""
+    import numpy as np
+
+    return np.repeat(np.repeat(picture, scale, axis=0), scale, axis=1)
 
 
 def _plot_area_histogram(areas) -> str | None:
@@ -1297,49 +1580,51 @@ def _plot_area_histogram(areas) -> str | None:
 
 def _plot_area_timeline(uris: list[str], masks, videos) -> str | None:
     """One band per video: area fraction against the sampled frame's time, every band on one scale."""
+    return _plot_bands(uris, masks.sort_values(["frame_time_s", "clip_index"]) if len(masks) else masks, "frame_time_s", "area", videos,
+                       "no masks", "seconds (sampled frame's presentation time)", "Mask area fraction over time", "tab:red", floor=0.01)
+
+
+def _plot_bands(uris: list[str], rows, time_column: str, value_column: str, videos, empty: str, xlabel: str, title: str, color: str,
+                floor: float = 0.0) -> str | None:
+    """One band per video (the first on top): ``value_column`` of its ``rows`` against ``time_column``, every band on one
+    scale from 0 to the largest value (at least ``floor``); a video without rows says so and why (its status)."""
     from matplotlib.figure import Figure
 
     if not uris:
         return None
     status = dict(zip(videos["video_uri"], videos["status"])) if len(videos) else {}
-    top = max(0.01, float(masks["area"].max())) if len(masks) else 1.0
+    top = max(floor, float(rows[value_column].max())) if len(rows) else 1.0
+    top = top if top > 0 else 1.0
     figure = Figure(figsize=(9, 0.8 + 0.45 * len(uris)))
     axes = figure.subplots()
     for row, uri in enumerate(uris):
-        mine = masks[masks["video_uri"] == uri].sort_values(["frame_time_s", "clip_index"]) if len(masks) else masks
+        mine = rows[rows["video_uri"] == uri] if len(rows) else rows
         base = len(uris) - 1 - row  # the first video on top
         axes.axhline(base, color="#ccc", linewidth=0.5)
         if len(mine):
-            heights = base + 0.85 * mine["area"].to_numpy() / top
-            axes.fill_between(mine["frame_time_s"], base, heights, color="tab:red", alpha=0.3, linewidth=0)
-            axes.plot(mine["frame_time_s"], heights, color="tab:red", linewidth=1, marker=".", markersize=3)
+            heights = base + 0.85 * mine[value_column].to_numpy(dtype="float64") / top
+            axes.fill_between(mine[time_column], base, heights, color=color, alpha=0.3, linewidth=0)
+            axes.plot(mine[time_column], heights, color=color, linewidth=1, marker=".", markersize=3)
         else:
-            axes.text(0.0, base + 0.3, f"no masks ({status.get(uri, 'no videos row')})", fontsize="small", color="#666")
+            axes.text(0.0, base + 0.3, f"{empty} ({status.get(uri, 'no videos row')})", fontsize="small", color="#666")
     axes.set_yticks([b + 0.4 for b in range(len(uris))], [storage.basename(u) for u in reversed(uris)], fontsize="small")
     axes.set_ylim(-0.2, len(uris))
-    axes.set_xlabel("seconds (sampled frame's presentation time)")
-    axes.set_title(f"Mask area fraction over time, first {len(uris)} videos by URI (band height 0 to {top:.3f})")
+    axes.set_xlabel(xlabel)
+    axes.set_title(f"{title}, first {len(uris)} videos by URI (band height 0 to {top:.3f})")
     return _png(figure)
 
 
 def _overlay_strip(frames: list, scale: int = 4, gap: int = 4) -> str:
     """One PNG of a video's sampled frames side by side, each with its mask drawn over it (red tint,
     yellow outline), enlarged ``scale`` times pixel for pixel (nearest), so that each mask pixel is visible."""
-    import matplotlib.image
-    import numpy as np
-
     from rnnimg.tasks.segment_report import outline, tint
 
-    height, width = frames[0][1].shape[:2]
-    strip = np.full((height * scale, len(frames) * (width * scale + gap) - gap, 3), 255, np.uint8)
-    for k, (_, frame, mask, _) in enumerate(frames):
-        big = np.repeat(np.repeat(tint(frame, mask), scale, axis=0), scale, axis=1)  # (H, W, 3) -> (H*s, W*s, 3)
-        big[outline(np.repeat(np.repeat(mask, scale, axis=0), scale, axis=1))] = (255, 230, 0)
-        left = k * (width * scale + gap)
-        strip[:, left : left + width * scale] = big
-    buffer = io.BytesIO()
-    matplotlib.image.imsave(buffer, strip, format="png")
-    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+    pictures = []
+    for _, frame, mask, _ in frames:
+        big = _enlarge(tint(frame, mask), scale)  # (H, W, 3) -> (H*s, W*s, 3)
+        big[outline(_enlarge(mask, scale))] = (255, 230, 0)
+        pictures.append(big)
+    return _strip_png(pictures, gap)
 
 
 def _masks_timeline_table(uris: list[str], masks, videos):
@@ -1417,5 +1702,581 @@ def _masks_html(result: MasksReportResult, config: ReportConfig, areas, errors: 
     return "\n".join(parts)
 
 
+# ----------------------------------------------------------------------------- objects (task objects)
+
+
+def _objects_report(source: LabelSource, out: str, config: ReportConfig, started: float) -> ObjectsReportResult:
+    """The objects report (task ``objects``): per class, per video, the score histogram, per-class timelines and players,
+    boxes drawn over decoded frames of the first videos.
+
+    The objects table is read without its boxes for every aggregate, and with them for the timeline's
+    videos only (a filter on ``video_uri``).
+    """
+    import dask
+
+    from rnnimg import tables
+
+    labels = source.location
+    log.info("objects report over %d runs, %d object files, %d track files of %s", len(source.runs), len(source.objects), len(source.tracks), labels)
+    objects = _read(source.objects, ["video_uri", "frame_time_s", "label", "score", "run_id"], tables.OBJECTS)
+    tracks = _read(source.tracks, ["video_uri", "label", "frames", "seconds_seen", "run_id"], tables.TRACKS)
+    videos = _read(source.videos, ["video_uri", "status", "duration_s", "clips", "error_type", "error", "run_id"], tables.VIDEOS)
+    superseded = _superseded(videos, source.runs)
+    objects, tracks, videos = (_current(f, superseded) for f in (objects, tracks, videos))
+
+    bins = config.score_bins
+    objects = objects.assign(detections=1, score=objects["score"].astype("float64"))
+    per_class = objects.groupby("label").agg({"detections": "sum", "score": "sum"})
+    per_class_tracks = tracks.assign(tracks=1).groupby("label").agg({"tracks": "sum", "seconds_seen": "sum"})
+    histogram = objects.assign(bin=(objects["score"] * bins).astype("int64").clip(0, bins - 1)).groupby(["label", "bin"]).size()
+    # Per video: detections summed, the tracks of a video moved into one partition for its top class, both joined to the
+    # videos table (videos without detections keep their row). Plain {column: aggregation}: see _masks_report.
+    per_video_objects = objects.groupby("video_uri").agg({"detections": "sum", "score": "sum"}, split_out=True).reset_index()
+    per_video_tracks = tracks.shuffle("video_uri").map_partitions(_top_class, meta=_top_class(tracks._meta))
+    per_video = videos.merge(per_video_tracks, on="video_uri", how="left").merge(per_video_objects, on="video_uri", how="left")
+    per_video = per_video.map_partitions(_finish_object_videos, meta=_finish_object_videos(per_video._meta))
+    statuses = videos["status"].value_counts()
+    errors = videos["error_type"].dropna().value_counts()
+    first = videos["video_uri"].map_partitions(_first_uris, config.timeline_videos, meta=("video_uri", "object"))
+
+    videos_out = storage.join(out, "videos")
+    storage.delete(videos_out)
+    per_class_df, per_class_tracks_df, histogram_s, statuses_s, errors_s, first_s, problem_rows, video_rows = dask.compute(
+        per_class, per_class_tracks, histogram, statuses, errors, first, _problem_rows(videos, config.problem_videos),
+        _write_partitions(per_video, videos_out, OBJECT_VIDEOS_SUMMARY),
+    )
+    if video_rows == 0:  # keep the folder readable, with its schema
+        storage.write_table(OBJECT_VIDEOS_SUMMARY.empty_table(), storage.join(videos_out, "part-00000.parquet"))
+    class_table = _classes_table(per_class_df, per_class_tracks_df)
+    storage.write_table(class_table, storage.join(out, CLASSES_TABLE))
+
+    # The timeline's videos: their detections with boxes, their tracks (each class's sampling interval), their rows.
+    timeline_uris = sorted(first_s.tolist())[: config.timeline_videos]
+    timeline_objects = _read(source.objects, ["video_uri", "frame_time_s", "label", "score", "x0", "y0", "x1", "y1", "run_id"], tables.OBJECTS,
+                             filters=[("video_uri", "in", timeline_uris)] if timeline_uris else None)
+    timeline_tracks = _read(source.tracks, ["video_uri", "label", "first_seen_s", "last_seen_s", "frames", "seconds_seen", "mean_score", "run_id"],
+                            tables.TRACKS, filters=[("video_uri", "in", timeline_uris)] if timeline_uris else None)
+    timeline_objects, timeline_tracks = (_current(f, superseded) for f in (timeline_objects, timeline_tracks))
+    timeline_objects, timeline_tracks, timeline_videos = dask.compute(
+        timeline_objects[timeline_objects["video_uri"].isin(timeline_uris)],
+        timeline_tracks[timeline_tracks["video_uri"].isin(timeline_uris)],
+        videos[videos["video_uri"].isin(timeline_uris)],
+    )
+    segments = object_timeline(timeline_objects, timeline_tracks)
+    # Boxes over frames: the first ``overlay_videos`` of the timeline's videos that have detections.
+    overlay_uris = [u for u in timeline_uris if (timeline_objects["video_uri"] == u).any()][: config.overlay_videos]
+    overlays, notes = {}, {}
+    class_colors = _colors(class_table.column("label").to_pylist())  # the page's colours
+    for uri in overlay_uris:
+        try:
+            overlays[uri] = box_overlay(uri, timeline_objects[timeline_objects["video_uri"] == uri], config.overlay_frames, class_colors)
+        except (VideoError, ValueError) as err:
+            notes[uri] = str(err)
+            log.warning("no box overlay for %s: %s", uri, err)
+
+    counts = {s: int(statuses_s.get(s, 0)) for s in tables.VIDEO_STATUSES}
+    error_types = {str(k): int(v) for k, v in errors_s.items()}
+    result = ObjectsReportResult(
+        out=out,
+        html=storage.join(out, "index.html"),
+        labels=labels,
+        model_id=source.model_id,
+        runs=source.runs,
+        videos=int(video_rows),
+        ok=counts["ok"],
+        partial=counts["partial"],
+        failed=counts["failed"],
+        detections=int(sum(class_table.column("detections").to_pylist())),
+        tracks=int(sum(class_table.column("tracks").to_pylist())),
+        class_detections=dict(zip(class_table.column("label").to_pylist(), class_table.column("detections").to_pylist())),
+        overlays=list(overlays),
+        overlay_notes=notes,
+        seconds=round(time.perf_counter() - started, 3),
+    )
+    page = _objects_html(result, config, class_table.to_pandas(), histogram_s, error_types, _first_problems(problem_rows, config.problem_videos),
+                         timeline_uris, timeline_objects, timeline_tracks, timeline_videos, segments, overlays)
+    storage.write_bytes(result.html, page.encode("utf-8"))
+    storage.write_json(storage.join(out, "summary.json"), {**result.summary(), "error_types": error_types, "config": asdict(config)})
+    return result
+
+
+def _top_class(tracks):
+    """Partition function over tracks rows, all of a video's in one partition: per video, the classes seen and the one
+    seen longest (ties: the first by name)."""
+    import pandas as pd
+
+    if tracks.empty:
+        return pd.DataFrame({"video_uri": tracks["video_uri"].iloc[:0], "classes": pd.Series([], dtype="int64"),
+                             "top_class": tracks["label"].iloc[:0], "top_class_seconds": pd.Series([], dtype="float64")})
+    per_class = tracks.groupby(["video_uri", "label"], sort=False, observed=True)["seconds_seen"].sum().reset_index()
+    classes = per_class.groupby("video_uri", sort=False, observed=True).size()
+    top = per_class.sort_values(["video_uri", "seconds_seen", "label"], ascending=[True, False, True]).drop_duplicates("video_uri")
+    return pd.DataFrame({"video_uri": pd.Series(top["video_uri"].to_numpy(), dtype=tracks["video_uri"].dtype),
+                         "classes": classes.loc[top["video_uri"]].astype("int64").to_numpy(),
+                         "top_class": pd.Series(top["label"].to_numpy(), dtype=tracks["label"].dtype),
+                         "top_class_seconds": top["seconds_seen"].astype("float64").to_numpy()})
+
+
+def _finish_object_videos(frame):
+    """Partition function: the per-video objects table's final columns (videos without detections get zeros)."""
+    import pandas as pd
+
+    detections = frame["detections"].fillna(0).astype("int64")
+    out = pd.DataFrame(
+        {
+            "video_uri": frame["video_uri"].astype(object),
+            "status": frame["status"].astype(object),
+            "duration_s": frame["duration_s"].astype("float64"),
+            "clips": frame["clips"].fillna(0).astype("int64"),
+            "detections": detections,
+            "classes": frame["classes"].fillna(0).astype("int64"),
+            "top_class": frame["top_class"].astype(object).where(frame["top_class"].notna(), None),
+            "top_class_seconds": frame["top_class_seconds"].astype("float64"),
+            "mean_score": (frame["score"] / detections).where(detections > 0, None).astype("float64"),
+            "error_type": frame["error_type"].astype(object),
+            "run_id": frame["run_id"].astype(object),
+        }
+    )
+    return out.reset_index(drop=True)
+
+
+def _classes_table(per_class, per_class_tracks) -> pa.Table:
+    """One row per class seen in the objects or the tracks table, by name."""
+    detections_total = int(per_class["detections"].sum()) if len(per_class) else 0
+    rows = []
+    for label in sorted({*per_class.index, *per_class_tracks.index}):
+        n = int(per_class["detections"].get(label, 0))
+        rows.append({"label": str(label), "detections": n, "share": n / detections_total if detections_total else 0.0,
+                     "tracks": int(per_class_tracks["tracks"].get(label, 0)),
+                     "seconds_seen": float(per_class_tracks["seconds_seen"].get(label, 0.0)),
+                     "mean_score": float(per_class["score"].get(label, 0.0)) / n if n else None})
+    return pa.Table.from_pylist(rows, schema=CLASSES_SUMMARY)
+
+
+def object_segments(times, scores, step_s: float) -> list[dict]:
+    """When one class is seen in one video: its detections' sampled times merged into runs.
+
+    Each detection stands for the ``step_s`` around its sampled time (the label job samples the
+    middle of each of a clip's frame intervals); detections less than 1.5 intervals apart join
+    one segment. Times seen twice (overlapping clips) count once, with their mean score.
+
+    Returns:
+        ``{"start_s", "end_s", "score" (mean over the segment's times), "frames" (its distinct times)}`` per segment, in time order.
+    """
+    import numpy as np
+
+    times, scores = np.asarray(times, np.float64), np.asarray(scores, np.float64)
+    distinct, inverse = np.unique(np.round(times, 6), return_inverse=True)
+    mean = np.bincount(inverse, weights=scores, minlength=len(distinct)) / np.bincount(inverse, minlength=len(distinct))
+    segments: list[dict] = []
+    half = step_s / 2
+    for t, score in zip(distinct, mean):
+        if segments and t - segments[-1]["last"] <= 1.5 * step_s + 1e-9:
+            segments[-1]["last"] = t
+            segments[-1]["scores"].append(score)
+            continue
+        segments.append({"first": t, "last": t, "scores": [score]})
+    return [{"start_s": max(0.0, float(g["first"]) - half), "end_s": float(g["last"]) + half, "score": float(np.mean(g["scores"])),
+             "frames": len(g["scores"])} for g in segments]
+
+
+def object_timeline(objects, tracks):
+    """Per video and class of the collected rows: the segments it is seen in (``object_segments``) as a pandas frame of
+    ``video_uri, label, start_s, end_s, score, frames``. A class's sampling interval is its track's ``seconds_seen / frames``."""
+    import pandas as pd
+
+    step = {}
+    for row in tracks.itertuples(index=False):
+        if row.frames:
+            step.setdefault((row.video_uri, row.label), float(row.seconds_seen) / int(row.frames))
+    rows = []
+    if len(objects):
+        for (uri, label), mine in objects.groupby(["video_uri", "label"], sort=True, observed=True):
+            interval = step.get((uri, label))
+            if interval is None:  # no tracks row: the smallest gap between its times
+                gaps = pd.Series(sorted(set(mine["frame_time_s"]))).diff().dropna()
+                interval = float(gaps.min()) if len(gaps) else 0.1
+            for g in object_segments(mine["frame_time_s"], mine["score"], interval):
+                rows.append({"video_uri": uri, "label": label, **g})
+    return pd.DataFrame(rows, columns=["video_uri", "label", "start_s", "end_s", "score", "frames"])
+
+
+def draw_boxes(frame: "np.ndarray", boxes: list[tuple[float, float, float, float, tuple[int, int, int]]], thickness: int = 1) -> "np.ndarray":
+    """A copy of uint8 (H, W, 3) ``frame`` with each box outlined: ``(x0, y0, x1, y1, rgb)``, corners as shares of the
+    width and height (the objects table's), ``thickness`` pixels inward from the box's edge."""
+    import numpy as np
+
+    out = frame.copy()
+    height, width = frame.shape[:2]
+    for x0, y0, x1, y1, color in boxes:
+        left, right = int(np.clip(np.floor(x0 * width), 0, width - 1)), int(np.clip(np.ceil(x1 * width) - 1, 0, width - 1))
+        top, bottom = int(np.clip(np.floor(y0 * height), 0, height - 1)), int(np.clip(np.ceil(y1 * height) - 1, 0, height - 1))
+        right, bottom = max(right, left), max(bottom, top)
+        t = max(1, thickness)
+        out[top : min(top + t, bottom + 1), left : right + 1] = color
+        out[max(bottom - t + 1, top) : bottom + 1, left : right + 1] = color
+        out[top : bottom + 1, left : min(left + t, right + 1)] = color
+        out[top : bottom + 1, max(right - t + 1, left) : right + 1] = color
+    return out
+
+
+def box_overlay(video_uri: str, rows, count: int, colors: dict[str, tuple] | None = None,
+                min_height: int = 128) -> list[tuple[float, "np.ndarray", list[tuple[str, float]]]]:
+    """Frames of ``video_uri`` at ``count`` of its detections' sampled times (spread over the video), decoded at the
+    video's size, enlarged (nearest) to at least ``min_height`` rows, every detection of that time drawn as a box in its
+    class's colour.
+
+    Returns:
+        ``(frame_time_s, uint8 (H, W, 3) picture, [(class, score), ...])`` per time.
+
+    Raises:
+        VideoError: the video cannot be opened or decoded at those times.
+    """
+    import math
+
+    import numpy as np
+
+    if rows.empty:
+        return []
+    colors = colors or _colors(sorted(set(rows["label"])))
+    times = sorted(set(float(t) for t in rows["frame_time_s"]))
+    times = [times[i] for i in spread(len(times), count)]
+    frames = frames_at(video_uri, times)
+    scale = max(1, math.ceil(min_height / frames.shape[1]))
+    drawn = []
+    for t, frame in zip(times, frames):
+        mine = rows[np.isclose(rows["frame_time_s"].to_numpy(dtype="float64"), t)].sort_values(["label", "score"]).drop_duplicates("label", keep="last")
+        boxes = [(float(r.x0), float(r.y0), float(r.x1), float(r.y1), tuple(int(round(255 * c)) for c in colors.get(r.label, (0.6,) * 3)[:3]))
+                 for r in mine.itertuples(index=False)]
+        drawn.append((t, draw_boxes(_enlarge(frame, scale), boxes, thickness=scale), [(str(r.label), float(r.score)) for r in mine.itertuples(index=False)]))
+    return drawn
+
+
+def _plot_class_timeline(uris: list[str], segments, classes: list[str], colors) -> str | None:
+    """Which classes are seen when: one band per video (the first on top), one lane per class inside it."""
+    from matplotlib.figure import Figure
+    from matplotlib.patches import Patch
+
+    if not uris or not classes:
+        return None
+    lanes = len(classes)
+    figure = Figure(figsize=(9, 0.8 + 0.22 * lanes * len(uris)))
+    axes = figure.subplots()
+    for row, uri in enumerate(uris):
+        mine = segments[segments["video_uri"] == uri] if len(segments) else segments
+        for lane, label in enumerate(classes):
+            spans = [(float(g.start_s), float(g.end_s - g.start_s)) for g in mine[mine["label"] == label].itertuples(index=False)] if len(mine) else []
+            if spans:
+                axes.broken_barh(spans, (row + lane / lanes, 0.9 / lanes), facecolors=colors[label])
+    axes.set_yticks([r + 0.45 for r in range(len(uris))], [storage.basename(u) for u in uris], fontsize="small")
+    axes.set_ylim(len(uris), 0)
+    axes.set_xlabel("seconds (each detection covers its sampling interval)")
+    axes.set_title(f"Classes seen over time, first {len(uris)} videos by URI (one lane per class)")
+    axes.legend(handles=[Patch(color=colors[c], label=c) for c in classes], fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    return _png(figure)
+
+
+def _objects_html(result: ObjectsReportResult, config: ReportConfig, class_frame, histogram, errors: dict, problems, timeline_uris,
+                  timeline_objects, timeline_tracks, timeline_videos, segments, overlays: dict) -> str:
+    """The objects review page: overview, per class, scores, the class timeline, per video a player over its per-class
+    timeline (click a segment: the player seeks to it) and, for the first videos, its boxes drawn over decoded frames."""
+    import pandas as pd
+
+    classes = list(class_frame["label"]) if len(class_frame) else []
+    colors = _colors(classes)
+    hex_colors = {label: _hex(c) for label, c in colors.items()}
+    distribution = _plot_distribution(class_frame, colors, "detections", "Detections per class")
+    score_plot = _plot_histogram(histogram, config.score_bins, None, colors, xlabel="score (presence probability of the class)",
+                                 ylabel="detections")
+    timeline_plot = _plot_class_timeline(timeline_uris, segments, classes, colors)
+
+    def image(src: str | None, alt: str, empty: str) -> str:
+        return f'<img alt="{html.escape(alt)}" src="{src}">' if src else f"<p>{html.escape(empty)}</p>"
+
+    counts = (f"{result.videos} videos ({result.ok} ok, {result.partial} partial, {result.failed} failed), {result.detections} detections, "
+              f"{result.tracks} tracks (video and class), {len(classes)} classes seen")
+    rows = []
+    durations = dict(zip(timeline_videos["video_uri"], timeline_videos["duration_s"])) if len(timeline_videos) else {}
+    status = dict(zip(timeline_videos["video_uri"], timeline_videos["status"])) if len(timeline_videos) else {}
+    reasons = dict(zip(timeline_videos["video_uri"], timeline_videos["error"])) if len(timeline_videos) else {}
+    clip_counts = dict(zip(timeline_videos["video_uri"], timeline_videos["clips"])) if len(timeline_videos) else {}
+    panels = []
+    for index, uri in enumerate(timeline_uris):
+        mine = segments[segments["video_uri"] == uri] if len(segments) else segments
+        tracks = [(label, [{"start_s": g.start_s, "end_s": g.end_s, "label": label, "score": g.score} for g in mine[mine["label"] == label].itertuples(index=False)])
+                  for label in classes]
+        seen = timeline_tracks[timeline_tracks["video_uri"] == uri].sort_values("label") if len(timeline_tracks) else timeline_tracks
+        detections = int((timeline_objects["video_uri"] == uri).sum()) if len(timeline_objects) else 0
+        seen_text = ", ".join(f"{r.label} {float(r.first_seen_s):.1f}-{float(r.last_seen_s):.1f} s ({float(r.seconds_seen):.1f} s seen)"
+                              for r in seen.itertuples(index=False)) or "no class seen"
+        rows.append({"video_uri": uri, "status": status.get(uri, ""), "detections": detections, "classes seen": seen_text})
+        declared = durations.get(uri)
+        known = declared is not None and declared == declared
+        heading = (f"{status.get(uri) or 'no videos row'}, {f'{float(declared):.1f} s' if known else 'duration unknown'}, "
+                   f"{clip_counts.get(uri, 0)} clips, {detections} detections: {seen_text}")
+        src, note = _panel_player(uri, status.get(uri), reasons.get(uri), result.out, config)
+        extra = ""
+        if uri in overlays and overlays[uri]:
+            drawn = overlays[uri]
+            caption = "; ".join(f"{t:.2f} s: " + (", ".join(f"{c} {p:.2f}" for c, p in found) or "none") for t, _, found in drawn)
+            extra = (f'<figure class="overlay"><img alt="{html.escape(f"boxes over frames of {uri}")}" src="{_strip_png([p for _, p, _ in drawn])}">'
+                     f"<figcaption>Detections drawn over the decoded frames (box colour: class) at {html.escape(caption)}</figcaption></figure>")
+        elif uri in result.overlay_notes:
+            extra = f'<p class="note">Boxes not drawn: {html.escape(result.overlay_notes[uri])}</p>'
+        panels.append(video_panel(uri, src, note, heading, _panel_duration(declared, list(mine["end_s"]) if len(mine) else []), tracks,
+                                  hex_colors, index, extra=extra))
+
+    body = [
+        *_overview_html(counts, result.model_id, result.runs, errors, {"ok": result.ok, "partial": result.partial, "failed": result.failed},
+                        problems),
+        "<h2>Classes</h2>",
+        image(distribution, "detections per class", "No detections."),
+        _table_html(class_frame, ["label", "detections", "share", "tracks", "seconds_seen", "mean_score"],
+                    {"share": "{:.3f}", "seconds_seen": "{:.1f}", "mean_score": "{:.3f}"}) if len(class_frame) else "",
+        "<h2>Scores</h2>",
+        image(score_plot, "score histogram of the detections", "No detections."),
+        "<h2>Timeline</h2>",
+        image(timeline_plot, "classes seen over time per video", "No videos."),
+        _table_html(pd.DataFrame(rows), ["video_uri", "status", "detections", "classes seen"]) if rows else "",
+        *_panels_html(timeline_uris, panels, hex_colors, config, "segment"),
+    ]
+    return _page(f"rnnimg objects report: {result.labels}", [("overview", "Overview"), ("videos", "Videos")], body,
+                 f"Generated in {result.seconds:.1f} s. Tables: {CLASSES_TABLE}, videos/, summary.json.")
+
+
+# ----------------------------------------------------------------------------- surprise (task predict)
+
+
+def _surprise_report(source: LabelSource, out: str, config: ReportConfig, started: float) -> SurpriseReportResult:
+    """The surprise report (task ``predict``): per video, the surprise histogram, the most surprising clips (thumbnails,
+    each playable from its start), per video a player over its surprise timeline."""
+    import dask
+
+    from rnnimg import tables
+
+    labels = source.location
+    log.info("surprise report over %d runs, %d clip files, %d video files of %s", len(source.runs), len(source.clips), len(source.videos), labels)
+    clips = _read(source.clips, ["video_uri", "clip_index", "start_s", "end_s", "surprise", "run_id"], tables.SURPRISE_CLIPS)
+    videos = _read(source.videos, ["video_uri", "status", "duration_s", "clips", "error_type", "error", "run_id"], tables.VIDEOS)
+    superseded = _superseded(videos, source.runs)
+    clips, videos = _current(clips, superseded), _current(videos, superseded)
+    clips = clips.assign(surprise=clips["surprise"].astype("float64"))
+    clips = clips[clips["surprise"].notnull()]
+
+    per_video_clips = clips.assign(clips_scored=1, surprise_max=clips["surprise"]).groupby("video_uri").agg(
+        {"clips_scored": "sum", "surprise": "sum", "surprise_max": "max"}, split_out=True).reset_index()
+    per_video = videos.merge(per_video_clips, on="video_uri", how="left")
+    per_video = per_video.map_partitions(_finish_surprise_videos, meta=_finish_surprise_videos(per_video._meta))
+    totals = {"count": clips["surprise"].count(), "sum": clips["surprise"].sum(), "min": clips["surprise"].min(), "max": clips["surprise"].max()}
+    statuses = videos["status"].value_counts()
+    errors = videos["error_type"].dropna().value_counts()
+    first = videos["video_uri"].map_partitions(_first_uris, config.timeline_videos, meta=("video_uri", "object"))
+    top = clips.nlargest(max(1, config.surprising_clips), "surprise")
+
+    videos_out = storage.join(out, "videos")
+    storage.delete(videos_out)
+    totals_s, statuses_s, errors_s, first_s, top_df, problem_rows, video_rows = dask.compute(
+        totals, statuses, errors, first, top, _problem_rows(videos, config.problem_videos),
+        _write_partitions(per_video, videos_out, SURPRISE_VIDEOS_SUMMARY),
+    )
+    if video_rows == 0:  # keep the folder readable, with its schema
+        storage.write_table(SURPRISE_VIDEOS_SUMMARY.empty_table(), storage.join(videos_out, "part-00000.parquet"))
+    scored = int(totals_s["count"])
+    top_surprise = float(totals_s["max"]) if scored else 0.0
+    # The histogram over [0, the largest surprise]: a second pass over the one column.
+    bins = config.score_bins
+    width = top_surprise / bins if top_surprise > 0 else 1.0
+    histogram = clips.assign(bin=(clips["surprise"] / width).astype("int64").clip(0, bins - 1)).groupby("bin").size()
+    timeline_uris = sorted(first_s.tolist())[: config.timeline_videos]
+    histogram_s, timeline_clips, timeline_videos = dask.compute(
+        histogram, clips[clips["video_uri"].isin(timeline_uris)][["video_uri", "clip_index", "start_s", "end_s", "surprise"]],
+        videos[videos["video_uri"].isin(timeline_uris)],
+    )
+    ranking = rank_surprise(top_df, config.surprising_clips)
+    storage.write_table(pa.Table.from_pandas(ranking[RANKING.names], schema=RANKING, preserve_index=False), storage.join(out, RANKING_TABLE))
+    thumbs, notes = _start_thumbnails(ranking, out)
+
+    counts = {s: int(statuses_s.get(s, 0)) for s in tables.VIDEO_STATUSES}
+    error_types = {str(k): int(v) for k, v in errors_s.items()}
+    result = SurpriseReportResult(
+        out=out,
+        html=storage.join(out, "index.html"),
+        labels=labels,
+        model_id=source.model_id,
+        runs=source.runs,
+        videos=int(video_rows),
+        ok=counts["ok"],
+        partial=counts["partial"],
+        failed=counts["failed"],
+        clips=scored,
+        mean_surprise=float(totals_s["sum"]) / scored if scored else None,
+        min_surprise=float(totals_s["min"]) if scored else None,
+        max_surprise=top_surprise if scored else None,
+        ranked=len(ranking),
+        thumbnail_notes=notes,
+        seconds=round(time.perf_counter() - started, 3),
+    )
+    page = _surprise_html(result, config, histogram_s, width, error_types, _first_problems(problem_rows, config.problem_videos),
+                          ranking, thumbs, timeline_uris, timeline_clips, timeline_videos)
+    storage.write_bytes(result.html, page.encode("utf-8"))
+    storage.write_json(storage.join(out, "summary.json"), {**result.summary(), "error_types": error_types, "config": asdict(config)})
+    return result
+
+
+def _finish_surprise_videos(frame):
+    """Partition function: the per-video surprise table's final columns (videos without scored clips get zeros)."""
+    import pandas as pd
+
+    scored = frame["clips_scored"].fillna(0).astype("int64")
+    out = pd.DataFrame(
+        {
+            "video_uri": frame["video_uri"].astype(object),
+            "status": frame["status"].astype(object),
+            "duration_s": frame["duration_s"].astype("float64"),
+            "clips": scored,
+            "mean_surprise": (frame["surprise"] / scored).where(scored > 0, None).astype("float64"),
+            "max_surprise": frame["surprise_max"].where(scored > 0, None).astype("float64"),
+            "error_type": frame["error_type"].astype(object),
+            "run_id": frame["run_id"].astype(object),
+        }
+    )
+    return out.reset_index(drop=True)
+
+
+def rank_surprise(clips, count: int):
+    """The ``count`` most surprising clips, most surprising first (ties: by video, then clip), with their ``rank`` from 1."""
+    ordered = clips.sort_values(["surprise", "video_uri", "clip_index"], ascending=[False, True, True]).head(count).reset_index(drop=True)
+    return ordered.assign(rank=range(1, len(ordered) + 1))
+
+
+def _start_thumbnails(ranking, out: str, height: int = 72) -> tuple[dict[int, str], dict[str, str]]:
+    """JPEGs of the frame shown at each ranked clip's start, decoded (one pass per video), written to ``out/thumbs/``.
+
+    Returns:
+        ``({rank: relative image path}, {video: why it has none})``.
+    """
+    from PIL import Image
+
+    thumbs_dir = storage.join(out, "thumbs")
+    storage.delete(thumbs_dir)
+    paths, notes = {}, {}
+    for uri, mine in ranking.groupby("video_uri", sort=True):
+        times = sorted(set(float(t) for t in mine["start_s"]))
+        try:
+            frames = dict(zip(times, frames_at(uri, times)))
+        except (VideoError, ValueError) as err:
+            notes[uri] = str(err)
+            log.warning("no thumbnails for %s: %s", uri, err)
+            continue
+        for row in mine.itertuples(index=False):
+            picture = Image.fromarray(frames[float(row.start_s)])
+            picture = picture.resize((max(1, round(height * picture.width / picture.height)), height), Image.Resampling.BILINEAR)
+            buffer = io.BytesIO()
+            picture.save(buffer, format="JPEG", quality=85)
+            paths[int(row.rank)] = f"thumbs/rank-{int(row.rank):04d}.jpg"
+            storage.write_bytes(storage.join(out, *paths[int(row.rank)].split("/")), buffer.getvalue(), durable=False)
+    return paths, notes
+
+
+def _surprise_colors(values, low: float, high: float) -> list[str]:
+    """Hex colours of surprise values on one scale, ``low`` (pale yellow) to ``high`` (dark red)."""
+    from matplotlib import colormaps
+
+    palette = colormaps["YlOrRd"]
+    span = high - low
+    return [_hex(palette(0.1 + 0.9 * min(1.0, max(0.0, (float(v) - low) / span)) if span > 0 else 0.1)) for v in values]
+
+
+def _surprise_html(result: SurpriseReportResult, config: ReportConfig, histogram, width: float, errors: dict, problems, ranking, thumbs: dict,
+                   timeline_uris, timeline_clips, timeline_videos) -> str:
+    """The surprise review page: overview, the histogram, the most surprising clips (thumbnail of the clip's start, a
+    click plays the clip from its start), per video a player over its surprise timeline (click a clip: seek to it)."""
+    import numpy as np
+    import pandas as pd
+    from matplotlib.figure import Figure
+
+    plot = None
+    if len(histogram):
+        figure = Figure(figsize=(7, 3))
+        axes = figure.subplots()
+        counts = np.zeros(config.score_bins)
+        for b, n in histogram.items():
+            counts[int(b)] = n
+        axes.bar(np.arange(config.score_bins) * width, counts, width=width, align="edge", color="tab:orange")
+        axes.set_xlabel("surprise (per-frame squared error of the predicted frames, summed over pixels)")
+        axes.set_ylabel("clips")
+        axes.set_title("Surprise histogram")
+        plot = _png(figure)
+    middle = timeline_clips.assign(time_s=(timeline_clips["start_s"] + timeline_clips["end_s"]) / 2).sort_values(["video_uri", "time_s"])
+    bands = _plot_bands(timeline_uris, middle, "time_s", "surprise", timeline_videos, "no scored clips",
+                        "seconds (middle of the clip's window)", "Surprise over time", "tab:orange")
+
+    def image(src: str | None, alt: str, empty: str) -> str:
+        return f'<img alt="{html.escape(alt)}" src="{src}">' if src else f"<p>{html.escape(empty)}</p>"
+
+    mean = "n/a" if result.mean_surprise is None else f"{result.mean_surprise:.3f}"
+    top = "n/a" if result.max_surprise is None else f"{result.max_surprise:.3f}"
+    counts_line = (f"{result.videos} videos ({result.ok} ok, {result.partial} partial, {result.failed} failed), {result.clips} clips scored, "
+                   f"mean surprise {mean}, largest {top}")
+    low, high = float(result.min_surprise or 0.0), float(result.max_surprise or 0.0)
+
+    # The ranking: thumbnail of the clip's start; clicking it plays the clip from its start.
+    plays = []
+    for row in ranking.itertuples(index=False):
+        caption = f"#{row.rank}: {row.video_uri} clip {row.clip_index}, surprise {float(row.surprise):.3f}, {float(row.start_s):.2f} to {float(row.end_s):.2f} s"
+        path = thumbs.get(int(row.rank))
+        content = (f'<img class="start-thumb" alt="frame at {float(row.start_s):.2f} s" src="{html.escape(path)}">' if path
+                   else html.escape(f"play (no thumbnail: {result.thumbnail_notes.get(row.video_uri, 'not decoded')})"))
+        plays.append(_play_button(row.video_uri, row.start_s, row.end_s, caption, result.out, config, content))
+    ranking_table = _table_html(ranking, ["rank", "video_uri", "clip_index", "start_s", "end_s", "surprise"],
+                                {"start_s": "{:.2f}", "end_s": "{:.2f}", "surprise": "{:.3f}"}, ("start of the clip (click: play)", plays)) \
+        if len(ranking) else "<p>No scored clips.</p>"
+
+    # Per video: a player over one track of its clips, coloured by surprise.
+    durations = dict(zip(timeline_videos["video_uri"], timeline_videos["duration_s"])) if len(timeline_videos) else {}
+    status = dict(zip(timeline_videos["video_uri"], timeline_videos["status"])) if len(timeline_videos) else {}
+    reasons = dict(zip(timeline_videos["video_uri"], timeline_videos["error"])) if len(timeline_videos) else {}
+    panels, rows = [], []
+    for index, uri in enumerate(timeline_uris):
+        mine = timeline_clips[timeline_clips["video_uri"] == uri].sort_values("start_s") if len(timeline_clips) else timeline_clips
+        segments = [{"start_s": float(r.start_s), "end_s": float(r.end_s), "label": f"clip {r.clip_index}", "score": float(r.surprise),
+                     "color": color, "title": f"clip {r.clip_index}: {_fmt_s(r.start_s)} to {_fmt_s(r.end_s)}, surprise {float(r.surprise):.3f}"}
+                    for r, color in zip(mine.itertuples(index=False), _surprise_colors(mine["surprise"], low, high))]
+        declared = durations.get(uri)
+        known = declared is not None and declared == declared
+        peak = mine.loc[mine["surprise"].idxmax()] if len(mine) else None
+        summary = (f"mean surprise {float(mine['surprise'].mean()):.3f}, largest {float(peak['surprise']):.3f} at {float(peak['start_s']):.2f} s"
+                   if peak is not None else "no scored clips")
+        rows.append({"video_uri": uri, "status": status.get(uri, ""), "clips": len(mine),
+                     "mean_surprise": float(mine["surprise"].mean()) if len(mine) else None,
+                     "max_surprise": float(mine["surprise"].max()) if len(mine) else None})
+        heading = f"{status.get(uri) or 'no videos row'}, {f'{float(declared):.1f} s' if known else 'duration unknown'}, {len(mine)} clips, {summary}"
+        src, note = _panel_player(uri, status.get(uri), reasons.get(uri), result.out, config)
+        panels.append(video_panel(uri, src, note, heading, _panel_duration(declared, [g["end_s"] for g in segments]), [("surprise", segments)],
+                                  {}, index))
+    scale_note = (f"<p>Clip colour: surprise from the smallest, {low:.3f} (pale yellow), to the largest, {high:.3f} (dark red), "
+                  "one scale for every video.</p>" if panels else "")
+    body = [
+        *_overview_html(counts_line, result.model_id, result.runs, errors, {"ok": result.ok, "partial": result.partial, "failed": result.failed},
+                        problems),
+        "<p>Surprise: how badly the model predicted a clip's last frames from its first ones; high values mark motion or content "
+        "the model did not expect.</p>",
+        "<h2>Surprise</h2>",
+        image(plot, "surprise histogram", "No scored clips."),
+        "<h2>Timeline</h2>",
+        image(bands, "surprise over time per video", "No videos."),
+        _table_html(pd.DataFrame(rows), ["video_uri", "status", "clips", "mean_surprise", "max_surprise"],
+                    {"mean_surprise": "{:.3f}", "max_surprise": "{:.3f}"}) if rows else "",
+        f'<a id="ranking"></a><h2>The {len(ranking)} most surprising clips</h2>',
+        f"<p>All of them in <code>{RANKING_TABLE}</code>, most surprising first; click a picture (the frame at the clip's start) "
+        "to play the clip from its start:</p>" if len(ranking) else "",
+        _QUEUE_PLAYER if len(ranking) else "",
+        ranking_table,
+        *_panels_html(timeline_uris, panels, {}, config, "clip", scale_note),
+    ]
+    return _page(f"rnnimg surprise report: {result.labels}", [("overview", "Overview"), ("ranking", "Most surprising"), ("videos", "Videos")],
+                 body, f"Generated in {result.seconds:.1f} s. Tables: {RANKING_TABLE}, videos/, summary.json.")
+
+
 # A task -> the report of its label tables. A task whose tables no report reads is refused by name.
-_REPORTS = {"classify": _clips_report, "segment": _masks_report}
+_REPORTS = {"classify": _clips_report, "segment": _masks_report, "objects": _objects_report, "predict": _surprise_report}

@@ -5,8 +5,19 @@ A *location* is a string: a local path (``out/``, ``/data/x``), a ``file://`` UR
 variable (``AWS_ENDPOINT_URL_S3`` first) and its credentials from the standard AWS chain
 (environment, profile, instance role); nothing here logs or stores a credential.
 
-The rest of the code never imports pyarrow.fs or boto: it calls ``join``, ``open_input``,
+The rest of the code never imports s3fs, pyarrow.fs or boto: it calls ``join``, ``open_input``,
 ``write_bytes``, ``create_if_absent``, ``read_table``, ``write_table``, ``list_files`` and friends.
+
+S3 goes through s3fs (fsspec, which Dask, pandas and Prefect speak too), one
+``s3fs.S3FileSystem`` per process, endpoint and identity (``_s3fs``): listings carry the
+object's ETag as its version, ``create_if_absent`` is s3fs's exclusive create
+(``PutObject`` with ``If-None-Match: *``), ``open_input`` is an s3fs file whose read-ahead
+(``S3_VIDEO_CACHE`` blocks of ``S3_VIDEO_BLOCK_SIZE``) was measured on PyAV's sequential decode
+(``bench/s3_read.py``, ``bench/RESULTS_storage.md``), and presigned URLs are s3fs's.
+Parquet is read through pyarrow's own S3 client (``resolve``, ``s3_filesystem``: Dask,
+pyarrow.dataset, Ray Train's checkpoints), measured faster than pyarrow over s3fs on reading a
+table back (bench/RESULTS_storage.md); ``write_table`` serialises in memory and writes one
+object through s3fs like any other file (one PutObject, which wrote as fast or faster there).
 
 Writes are atomic: a local file is written under a temporary name in the same folder, then
 renamed into place; an S3 object becomes visible only when its upload completes. A reader
@@ -25,15 +36,20 @@ import json
 import os
 import posixpath
 import re
+import threading
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Callable, Iterator, TypeVar
+from typing import TYPE_CHECKING, BinaryIO, Callable, Iterator, TypeVar
 from urllib.parse import urlparse
 
 import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
+
+if TYPE_CHECKING:  # imported lazily: a local-only run never loads s3fs, aiobotocore or aiohttp
+    import fsspec
+    import s3fs
 
 T = TypeVar("T")
 
@@ -77,6 +93,20 @@ def _check_scheme(location: str) -> None:
         raise ValueError(f"s3 location {location!r} has no bucket: use s3://bucket/prefix")
 
 
+# Read-ahead of ``open_input`` on S3, chosen with bench/s3_read.py (PyAV's sequential decode of a
+# 640x360 H.264 file from a local S3 endpoint against the same decode from local disk; figures in
+# bench/RESULTS_storage.md). A block is one ranged GET. "background" fetches the next block in a
+# thread while PyAV decodes the current one, so on a real S3 a GET's latency hides behind decoding;
+# every cache type and block size tried was within the noise of local disk on the local endpoint,
+# and 4 MiB blocks cost the least CPU there (2 GETs for the 3 MiB file).
+S3_VIDEO_BLOCK_SIZE = 4 << 20
+S3_VIDEO_CACHE = "background"
+S3_VIDEO_MAX_BLOCKS = 4  # the memory bound of a block cache: blocks kept per open file (16 MiB at 4 MiB blocks)
+
+_S3FS: dict[tuple, "s3fs.S3FileSystem"] = {}
+_S3FS_LOCK = threading.Lock()
+
+
 def _s3_endpoint_and_region() -> tuple[str | None, str]:
     """The S3 endpoint (AWS_ENDPOINT_URL_S3, else AWS_ENDPOINT_URL, else AWS's) and region (default us-east-1)."""
     endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None
@@ -84,10 +114,50 @@ def _s3_endpoint_and_region() -> tuple[str | None, str]:
     return endpoint, region
 
 
-def s3_filesystem() -> pafs.S3FileSystem:
-    """The S3 filesystem for the current environment (endpoint from AWS_ENDPOINT_URL).
+def _s3fs() -> "s3fs.S3FileSystem":
+    """This process's s3fs filesystem for the current endpoint, region and AWS identity.
 
-    Credentials are left to the AWS default chain; none is read or kept here.
+    One instance per (process id, endpoint, region, ``AWS_PROFILE``, ``AWS_ACCESS_KEY_ID``):
+    s3fs runs its requests on an event loop of the process that made it, so every process (a Ray
+    worker, a forked child of a multiprocessing pool) makes its own instead of using a loop no
+    thread of it runs (a parent's instance is left alone in a child: closing it there would
+    touch the parent's loop); and when the environment names another identity, a new client picks up the
+    credentials of the environment now (the key id is an identifier that every signed request
+    carries, not a secret). Credentials are left to botocore's default chain: none is passed,
+    read or kept here. Listings are never cached: a lock and a resumed run must see the store as
+    it is now.
+    """
+    import s3fs
+
+    endpoint, region = _s3_endpoint_and_region()
+    key = (os.getpid(), endpoint, region, os.environ.get("AWS_PROFILE"), os.environ.get("AWS_ACCESS_KEY_ID"))
+    with _S3FS_LOCK:
+        fs = _S3FS.get(key)
+        if fs is None:
+            config: dict = {"signature_version": "s3v4", "retries": {"mode": "standard", "max_attempts": 5}}
+            if endpoint:
+                config["s3"] = {"addressing_style": "path"}  # local S3-compatible stores (moto, MinIO)
+            fs = s3fs.S3FileSystem(
+                endpoint_url=endpoint, client_kwargs={"region_name": region}, config_kwargs=config,
+                use_listings_cache=False, skip_instance_cache=True)
+            _S3FS[key] = fs
+    return fs
+
+
+def _s3_path(location: str) -> str:
+    """``s3://bucket/key/`` -> ``bucket/key``, the path s3fs and pyarrow name an object by."""
+    parsed = urlparse(location)
+    return (parsed.netloc + parsed.path).rstrip("/")
+
+
+def s3_filesystem() -> pafs.FileSystem:
+    """The pyarrow filesystem over S3 that Parquet is read through (pyarrow.dataset, Dask, Ray Train).
+
+    pyarrow's own S3 client (C++, ranged reads on its own I/O threads), not s3fs under
+    ``pyarrow.fs.PyFileSystem(FSSpecHandler(...))``: bench/s3_read.py measured it reading a
+    3.5 MiB table back faster (bench/RESULTS_storage.md), and Ray Train's ``storage_filesystem``
+    is documented with it. Same endpoint, region and credential chain as ``_s3fs``; a new
+    instance per call, so it follows the environment as it is now.
     """
     endpoint, region = _s3_endpoint_and_region()
     kwargs: dict = {"region": region, "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=5)}
@@ -104,18 +174,32 @@ def s3_filesystem() -> pafs.S3FileSystem:
 
 
 def resolve(location: str) -> tuple[pafs.FileSystem, str]:
-    """Return (filesystem, path inside it) for a location.
+    """Return (pyarrow filesystem, path inside it) for a location, for Parquet readers and Ray Train.
 
     Raises:
         ValueError: the location has an unsupported scheme or no bucket.
     """
     _check_scheme(location)
     if is_s3(location):
-        parsed = urlparse(location)
-        return s3_filesystem(), (parsed.netloc + parsed.path).rstrip("/")
+        return s3_filesystem(), _s3_path(location)
     if location.startswith("file://"):
         location = urlparse(location).path
     return pafs.LocalFileSystem(), os.path.abspath(location)
+
+
+def fsspec_resolve(location: str) -> tuple["fsspec.AbstractFileSystem", str]:
+    """Return (fsspec filesystem, path inside it) for a location: what Dask, pandas and Prefect take.
+
+    Raises:
+        ValueError: the location has an unsupported scheme or no bucket.
+    """
+    _check_scheme(location)
+    if is_s3(location):
+        return _s3fs(), _s3_path(location)
+    from fsspec.implementations.local import LocalFileSystem
+
+    _, path = resolve(location)
+    return LocalFileSystem(), path
 
 
 def normalize(location: str) -> str:
@@ -175,24 +259,48 @@ def retry(fn: Callable[[], T], what: str, attempts: int = 4, base_delay_s: float
     raise AssertionError("unreachable")
 
 
+def _s3_info(location: str) -> dict | None:
+    """s3fs's description of an object or prefix (``type``, ``size``, ``ETag``, ``LastModified``), None if absent."""
+    fs = _s3fs()
+    try:
+        return retry(lambda: fs.info(_s3_path(location)), f"stat {location}")
+    except FileNotFoundError:
+        return None
+
+
+def _etag(info: dict) -> str:
+    """An S3 object's ETag without its quotes: its version (changes with the content, not with a listing)."""
+    return str(info.get("ETag") or "").strip('"')
+
+
 def exists(location: str) -> bool:
+    if is_s3(location):
+        return _s3_info(location) is not None
     fs, path = resolve(location)
     info = retry(lambda: fs.get_file_info(path), f"stat {location}")
     return info.type != pafs.FileType.NotFound
 
 
 def is_dir(location: str) -> bool:
+    if is_s3(location):
+        info = _s3_info(location)
+        return info is not None and info["type"] == "directory"
     fs, path = resolve(location)
     info = retry(lambda: fs.get_file_info(path), f"stat {location}")
     return info.type == pafs.FileType.Directory
 
 
 def stat(location: str) -> FileInfo:
-    """Size and version of one file.
+    """Size and version of one file (the ETag on S3, the mtime in ns locally).
 
     Raises:
         FileNotFoundError: there is no file at the location.
     """
+    if is_s3(location):
+        found = _s3_info(location)
+        if found is None or found["type"] != "file":
+            raise FileNotFoundError(f"no file at {location}")
+        return FileInfo(uri=location, size=int(found["size"]), version=_etag(found))
     fs, path = resolve(location)
     info = retry(lambda: fs.get_file_info(path), f"stat {location}")
     if info.type != pafs.FileType.File:
@@ -209,6 +317,11 @@ def modified_at(location: str) -> float:
     Raises:
         FileNotFoundError: there is no file at the location.
     """
+    if is_s3(location):
+        found = _s3_info(location)
+        if found is None or found["type"] != "file":
+            raise FileNotFoundError(f"no file at {location}")
+        return found["LastModified"].timestamp()
     fs, path = resolve(location)
     info = retry(lambda: fs.get_file_info(path), f"stat {location}")
     if info.type != pafs.FileType.File or info.mtime_ns is None:
@@ -234,8 +347,17 @@ def store_now(folder: str) -> float:
         delete(probe)
 
 
+def _keep(name: str, suffixes: tuple[str, ...] | None) -> bool:
+    if name.startswith(TEMP_PREFIX):
+        return False  # an atomic write in progress (or abandoned by a crash)
+    return not suffixes or name.lower().endswith(tuple(s.lower() for s in suffixes))
+
+
 def list_files(location: str, suffixes: tuple[str, ...] | None = None) -> list[FileInfo]:
-    """Every file under a location (recursively), sorted by URI.
+    """Every file under a location (recursively), sorted by URI, each with its size and version.
+
+    The version is the object's ETag on S3 (it changes when the content does), the mtime in ns
+    locally.
 
     Args:
         location: a folder or prefix.
@@ -244,37 +366,34 @@ def list_files(location: str, suffixes: tuple[str, ...] | None = None) -> list[F
     Raises:
         FileNotFoundError: the location does not exist.
     """
+    if is_s3(location):
+        fs = _s3fs()
+        found = retry(lambda: fs.find(_s3_path(location), detail=True), f"list {location}")
+        if not found and not exists(location):
+            raise FileNotFoundError(f"nothing at {location}")
+        out = [FileInfo(uri="s3://" + name, size=int(info["size"]), version=_etag(info))
+               for name, info in found.items()
+               if info["type"] == "file" and not name.endswith("/") and _keep(posixpath.basename(name), suffixes)]
+        return sorted(out, key=lambda f: f.uri)
     fs, path = resolve(location)
     root_info = retry(lambda: fs.get_file_info(path), f"stat {location}")
     if root_info.type == pafs.FileType.NotFound:
         raise FileNotFoundError(f"nothing at {location}")
     selector = pafs.FileSelector(path, recursive=True)
     infos = retry(lambda: fs.get_file_info(selector), f"list {location}")
-    out = []
-    for info in infos:
-        if info.type != pafs.FileType.File:
-            continue
-        name = info.base_name
-        if name.startswith(TEMP_PREFIX):
-            continue  # an atomic write in progress (or abandoned by a crash)
-        if suffixes and not name.lower().endswith(tuple(s.lower() for s in suffixes)):
-            continue
-        uri = "s3://" + info.path if is_s3(location) else info.path
-        out.append(FileInfo(uri=uri, size=int(info.size or 0), version=str(info.mtime_ns or "")))
+    out = [FileInfo(uri=info.path, size=int(info.size or 0), version=str(info.mtime_ns or ""))
+           for info in infos if info.type == pafs.FileType.File and _keep(info.base_name, suffixes)]
     return sorted(out, key=lambda f: f.uri)
 
 
 def makedirs(location: str) -> None:
-    fs, path = resolve(location)
-    if not is_s3(location):
+    if not is_s3(location):  # S3 has no folders: a prefix exists once an object is under it
+        fs, path = resolve(location)
         retry(lambda: fs.create_dir(path, recursive=True), f"create {location}")
 
 
 class _RawAdapter(io.RawIOBase):
-    """Let ``io.BufferedReader`` read ahead over a pyarrow random-access file.
-
-    Without read-ahead every small read of a demuxer is one ranged GET on S3.
-    """
+    """Let ``io.BufferedReader`` read ahead over a pyarrow random-access file (local files)."""
 
     def __init__(self, native: pa.NativeFile):
         self._native = native
@@ -302,19 +421,34 @@ class _RawAdapter(io.RawIOBase):
         super().close()
 
 
-def open_input(location: str, buffer_size: int = 1 << 20) -> io.BufferedReader:
-    """Open a file for reading: seekable, buffered, usable as a plain Python file object.
+def open_input(location: str, buffer_size: int | None = None) -> BinaryIO:
+    """Open a file for reading: seekable, buffered, usable as a plain Python file object (PyAV's input).
+
+    On S3 an s3fs file that reads ahead ``buffer_size`` bytes per ranged GET
+    (``S3_VIDEO_BLOCK_SIZE`` by default) with the ``S3_VIDEO_CACHE`` strategy, the pair measured
+    on video decoding; each GET is conditional on the ETag seen at open, so a file replaced
+    mid-read fails instead of mixing two versions. Locally a 1 MiB ``io.BufferedReader``.
 
     Raises:
         FileNotFoundError: there is no file at the location.
         StorageError: the store kept failing.
     """
+    if is_s3(location):
+        fs = _s3fs()
+        block_size = buffer_size or S3_VIDEO_BLOCK_SIZE
+        # Block caches keep at most S3_VIDEO_MAX_BLOCKS blocks per open file (s3fs's default is 32).
+        options = {"maxblocks": S3_VIDEO_MAX_BLOCKS} if S3_VIDEO_CACHE in ("background", "blockcache") else {}
+        return retry(lambda: fs.open(_s3_path(location), "rb", block_size=block_size, cache_type=S3_VIDEO_CACHE,
+                                     cache_options=options), f"open {location}")
     fs, path = resolve(location)
     native = retry(lambda: fs.open_input_file(path), f"open {location}")
-    return io.BufferedReader(_RawAdapter(native), buffer_size=buffer_size)
+    return io.BufferedReader(_RawAdapter(native), buffer_size=buffer_size or (1 << 20))
 
 
 def read_bytes(location: str) -> bytes:
+    if is_s3(location):
+        fs = _s3fs()
+        return retry(lambda: fs.cat_file(_s3_path(location)), f"read {location}")
     fs, path = resolve(location)
 
     def _read() -> bytes:
@@ -360,13 +494,13 @@ def write_bytes(location: str, data: bytes, durable: bool = True) -> None:
     returns the file survives a power loss, and a file written after it can never outlive it.
     ``durable=False`` skips the fsyncs (still atomic): for scratch files a crash may lose.
     """
-    fs, path = resolve(location)
+    if is_s3(location):
+        fs = _s3fs()
+        retry(lambda: fs.pipe_file(_s3_path(location), data), f"write {location}")
+        return
+    _, path = resolve(location)
 
     def _write() -> None:
-        if is_s3(location):
-            with fs.open_output_stream(path) as f:
-                f.write(data)
-            return
         _makedirs_durable(os.path.dirname(path))
         # The ".partial" suffix keeps globs like "*.parquet" off an unfinished file.
         tmp = os.path.join(os.path.dirname(path), f"{TEMP_PREFIX}{uuid.uuid4().hex}-{os.path.basename(path)}.partial")
@@ -392,13 +526,15 @@ def create_if_absent(location: str, data: bytes) -> bool:
     Locally the content goes to a temporary file (fsynced) that is hard-linked into place:
     ``link`` fails if the name exists, so the file is complete the moment it appears; the folder is
     fsynced after the link, so the file survives a power loss once this returns True. On S3 it
-    is a conditional ``PutObject`` (``If-None-Match: *``; AWS S3, MinIO) through boto3.
+    is s3fs's exclusive create, ``pipe_file(mode="create")``: one ``PutObject`` with
+    ``If-None-Match: *`` (AWS S3, MinIO, moto), which the store itself decides. (s3fs's
+    ``open(path, "xb")`` is not used: it commits an empty file with an unconditional PUT.)
 
     Returns:
         True if this call created the file, False if one was already there.
 
     Raises:
-        StorageError: the store failed otherwise (or boto3 is missing for an s3:// location).
+        StorageError: the store failed otherwise.
     """
     if is_s3(location):
         return _s3_create_if_absent(location, data)
@@ -422,33 +558,37 @@ def create_if_absent(location: str, data: bytes) -> bool:
             os.remove(tmp)
 
 
-def _s3_client():
-    """A boto3 S3 client for the same endpoint and region as ``s3_filesystem`` (the only one in rnnimg).
-
-    pyarrow's S3 filesystem cannot make a conditional write; boto3 can.
-    """
-    try:
-        import boto3
-    except ImportError as err:  # pragma: no cover - depends on the installation
-        raise StorageError(f"create-if-absent on S3 needs boto3 (pip install boto3): {err}") from err
-    endpoint, region = _s3_endpoint_and_region()
-    return boto3.client("s3", endpoint_url=endpoint, region_name=region)
+def _s3_error_code(err: BaseException) -> str:
+    """The S3 error code (``PreconditionFailed``, ...) behind an exception s3fs raised, or ""."""
+    while err is not None:
+        response = getattr(err, "response", None)
+        if isinstance(response, dict):
+            return str(response.get("Error", {}).get("Code", ""))
+        err = err.__cause__
+    return ""
 
 
-def _s3_create_if_absent(location: str, data: bytes) -> bool:
-    client = _s3_client()
-    from botocore.exceptions import BotoCoreError, ClientError  # installed with boto3
-
-    bucket, _, key = location[len("s3://"):].partition("/")
-    try:
-        client.put_object(Bucket=bucket, Key=key, Body=data, IfNoneMatch="*")
-    except ClientError as err:
-        if err.response.get("Error", {}).get("Code") in ("PreconditionFailed", "ConditionalRequestConflict"):
+def _s3_create_if_absent(location: str, data: bytes, attempts: int = 4) -> bool:
+    """One conditional ``PutObject``; a 409 ``ConditionalRequestConflict`` (a concurrent conditional
+    write still in flight on AWS) is retried, as AWS advises, until the store says who won."""
+    fs = _s3fs()
+    for attempt in range(attempts):
+        try:
+            fs.pipe_file(_s3_path(location), data, mode="create")
+            return True
+        except FileExistsError:  # 412 with Condition If-None-Match (AWS)
             return False
-        raise StorageError(f"create {location}: {err}") from err
-    except BotoCoreError as err:
-        raise StorageError(f"create {location}: {err}") from err
-    return True
+        except OSError as err:
+            code = _s3_error_code(err)
+            if code == "PreconditionFailed":  # 412 from a store that does not name the condition (moto)
+                return False
+            if code == "ConditionalRequestConflict" and attempt < attempts - 1:
+                time.sleep(0.2 * (2**attempt))
+                continue
+            if code == "ConditionalRequestConflict":
+                return False  # the other writer's request is still deciding it: never two winners
+            raise StorageError(f"create {location}: {err}") from err
+    raise AssertionError("unreachable")
 
 
 def remove_temporaries(location: str) -> int:
@@ -487,10 +627,9 @@ def read_table(location: str, columns: list[str] | None = None) -> pa.Table:
     Raises:
         FileNotFoundError: nothing at the location.
     """
-    fs, path = resolve(location)
-    info = retry(lambda: fs.get_file_info(path), f"stat {location}")
-    if info.type == pafs.FileType.NotFound:
+    if not exists(location):
         raise FileNotFoundError(f"no table at {location}")
+    fs, path = resolve(location)
     return retry(lambda: pq.read_table(path, filesystem=fs, columns=columns), f"read table {location}")
 
 
@@ -502,7 +641,19 @@ def write_table(table: pa.Table, location: str, durable: bool = True) -> None:
 
 
 def delete(location: str) -> None:
-    """Delete a file or a whole folder/prefix; a missing location is not an error."""
+    """Delete a file or a whole folder/prefix (never the bucket itself); a missing location is not an error."""
+    if is_s3(location):
+        found = _s3_info(location)
+        if found is None:
+            return
+        fs, path = _s3fs(), _s3_path(location)
+        if found["type"] == "directory":
+            keys = retry(lambda: fs.find(path), f"list {location}")
+            if keys:
+                retry(lambda: fs.rm(keys), f"delete {location}")
+        else:
+            retry(lambda: fs.rm_file(path), f"delete {location}")
+        return
     fs, path = resolve(location)
     info = retry(lambda: fs.get_file_info(path), f"stat {location}")
     if info.type == pafs.FileType.Directory:
@@ -513,6 +664,14 @@ def delete(location: str) -> None:
 
 def download_dir(location: str, local_dir: str) -> None:
     """Copy a folder/prefix to a local folder."""
+    if is_s3(location):
+        fs, root = _s3fs(), _s3_path(location)
+        for found in list_files(location):
+            inner = _s3_path(found.uri)
+            target = os.path.join(local_dir, *posixpath.relpath(inner, root).split("/"))
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            retry(lambda: fs.get_file(inner, target), f"download {found.uri}")
+        return
     fs, path = resolve(location)
     pafs.copy_files(path, local_dir, source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
 
@@ -535,9 +694,9 @@ def iter_lines(location: str) -> Iterator[str]:
 def presigned_url(location: str, expires_s: int = 7 * 24 * 3600) -> str:
     """An HTTP(S) URL that reads the ``s3://`` object ``location`` for ``expires_s`` seconds.
 
-    The URL is signed locally (no request is made) with the credentials of the AWS default
-    chain; it carries a signature and the access key's id, never the secret key. SigV4 allows
-    at most 7 days (604800 s).
+    The URL is signed locally by s3fs (no request is made) with the credentials of the AWS
+    default chain now (see ``_s3fs``); it carries a signature and the access key's id, never
+    the secret key. SigV4 allows at most 7 days (604800 s).
 
     Raises:
         ValueError: ``location`` is not an ``s3://`` object, or ``expires_s`` is not in [1, 604800].
@@ -547,17 +706,6 @@ def presigned_url(location: str, expires_s: int = 7 * 24 * 3600) -> str:
     if not isinstance(expires_s, int) or not 1 <= expires_s <= 7 * 24 * 3600:
         raise ValueError(f"expires_s must be an integer in [1, 604800] (SigV4's limit), got {expires_s!r}")
     _check_scheme(location)
-    parsed = urlparse(location)
-    key = parsed.path.lstrip("/")
-    if not key:
+    if not urlparse(location).path.lstrip("/"):
         raise ValueError(f"presigned_url needs an object key, got the bucket {location!r}")
-    from botocore.config import Config  # installed with boto3
-
-    endpoint, region = _s3_endpoint_and_region()
-    import boto3
-
-    # A fresh session: the credentials of the environment now (boto3's default session keeps the first it saw).
-    client = boto3.session.Session().client(
-        "s3", endpoint_url=endpoint, region_name=region,
-        config=Config(signature_version="s3v4", s3={"addressing_style": "path" if endpoint else "auto"}))
-    return client.generate_presigned_url("get_object", Params={"Bucket": parsed.netloc, "Key": key}, ExpiresIn=expires_s)
+    return _s3fs().url(_s3_path(location), expires=expires_s)

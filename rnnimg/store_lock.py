@@ -5,10 +5,11 @@
         lock.check()    # before recording results: raises LockLost if another run took over
 
 The lock of ``BASE`` is ``BASE/_lock/lock-NNNNNNNN.json``, created with
-``rnnimg.storage.create_if_absent`` (an atomic hard link locally, a conditional ``PutObject`` on
-S3). ``NNNNNNNN``, the generation, is the fencing token: ``lock.generation`` while held, and
-``lock.check()`` fails once a newer generation exists. Ages are measured with the store's clock
-(the lock file's modification time against that of a probe written now), never a host's clock.
+``rnnimg.storage.create_if_absent`` (an atomic hard link locally; on S3 s3fs's exclusive create,
+a ``PutObject`` with ``If-None-Match: *`` that the store decides). ``NNNNNNNN``, the generation,
+is the fencing token: ``lock.generation`` while held, and ``lock.check()`` fails once a newer
+generation exists. Ages are measured with the store's clock (the lock file's modification time
+against that of a probe written now), never a host's clock.
 Taken by every labelling run (``rnnimg.label.label``, so ``rnnimg label`` and the flows) on its
 output, and by the ``label-videos`` flow on its base; needs neither Prefect nor Ray.
 """

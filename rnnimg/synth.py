@@ -166,21 +166,28 @@ def split_counts(videos: int, val_fraction: float, test_fraction: float, unlabel
     return {"train": n_train, "val": n_val, "test": n_test, "unlabelled": unlabelled}
 
 
-def render_all(write_one, jobs: list, processes: int | None = None) -> None:
+def render_all(write_one, jobs: list, processes: int | None = None, unit: str = "videos") -> None:
     """Run ``write_one(job)`` for every job, in one process per CPU core (default) when there are enough.
 
     Each job carries its own seed, so the archive is the same however many processes render it.
+    Progress goes to stderr (``rnnimg.progress.Counter``, counting ``unit``): a bar on a terminal,
+    else a line every ``PLAIN_EVERY_S`` and one at the end.
     """
+    from rnnimg.progress import Counter
+
+    progress = Counter("synth", len(jobs), unit)
     workers = max(1, processes or os.cpu_count() or 1)
     if workers == 1 or len(jobs) < 8:
         for job in jobs:
             write_one(job)
-        return
-    # Spawn, not fork: the parent may hold threads (Ray, the S3 client) that fork would break.
-    context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
-        for _ in pool.map(write_one, jobs, chunksize=8):
-            pass
+            progress.advance()
+    else:
+        # Spawn, not fork: the parent may hold threads (Ray, the S3 client) that fork would break.
+        context = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
+            for _ in pool.map(write_one, jobs, chunksize=8):
+                progress.advance()
+    progress.close()
 
 
 def _write_one(job: tuple[str, str, int, SynthConfig]) -> None:

@@ -56,3 +56,23 @@ def test_label_refuses_an_empty_folder(tmp_path, untrained_model):
     result = run("label", str(tmp_path / "empty"), "--model", untrained_model, "--out", str(tmp_path / "out"))
     assert result.returncode == 2
     assert "no videos found" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_progress_goes_to_stderr_as_plain_lines_and_stdout_stays_json(tmp_path):
+    """Off a terminal (a pipe here): synth writes one plain progress line on stderr, the JSON summary alone on stdout."""
+    import json
+
+    result = run("synth", str(tmp_path / "archive"), "--videos", "8", "--unlabelled", "0", "--seconds", "1", "--fps", "4")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["videos"] == 8
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("synth 8/8 videos in "), result.stderr
+    assert "\r" not in result.stderr and "\x1b[" not in result.stderr  # no bar drawn into a pipe
+
+
+def test_verbose_is_accepted_before_and_after_the_command():
+    from rnnimg.cli import build_parser
+
+    parser = build_parser()
+    assert parser.parse_args(["-v", "synth", "x"]).verbose and parser.parse_args(["synth", "x", "-v"]).verbose
+    assert not parser.parse_args(["synth", "x"]).verbose

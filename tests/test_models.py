@@ -144,3 +144,55 @@ def test_to_model_input_converts_where_the_clips_are():
 def test_bad_backbone_config_is_refused(kwargs, needle):
     with pytest.raises(ValueError, match=needle):
         CRNNConfig(**kwargs)
+
+
+def _with_trained_norms(model: torch.nn.Module) -> torch.nn.Module:
+    """Running statistics and affine parameters away from their initial values, as after training."""
+    generator = torch.Generator().manual_seed(1)
+    for module in model.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            n = module.num_features
+            module.running_mean.copy_(torch.rand(n, generator=generator) - 0.5)
+            module.running_var.copy_(0.5 + torch.rand(n, generator=generator))
+            module.weight.data.copy_(0.5 + torch.rand(n, generator=generator))
+            module.bias.data.copy_(torch.rand(n, generator=generator) - 0.5)
+    return model.eval()
+
+
+@pytest.mark.parametrize("task_name", ["classify", "segment", "objects", "predict"])
+def test_for_inference_keeps_what_every_task_model_computes(task_name):
+    # The label job's actors fold batch norm into the convs and go channels-last: the outputs must not change.
+    import copy
+
+    from rnnimg import tasks
+    from rnnimg.models.inference import for_inference
+
+    task = tasks.get(task_name)
+    torch.manual_seed(0)
+    model = _with_trained_norms(task.build_model(task.config_from_dict({})))
+    size = getattr(model.config, "frame_size", 64)
+    x = torch.rand(2, getattr(model.config, "frames_per_clip", 4), 3, size, size) - 0.5
+    norms = sum(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
+    fast = for_inference(copy.deepcopy(model))
+    assert sum(isinstance(m, torch.nn.BatchNorm2d) for m in fast.modules()) < max(1, norms)  # folded, where there are any
+    with torch.inference_mode():
+        expected, got = model(x), fast(x)
+    expected = expected if isinstance(expected, torch.Tensor) else expected[0]
+    got = got if isinstance(got, torch.Tensor) else got[0]
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_fold_batchnorm_refuses_a_training_model_and_folds_conv_bias():
+    from rnnimg.models.inference import fold_batchnorm
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.BatchNorm2d(4), torch.nn.ReLU())
+    with pytest.raises(ValueError, match="eval mode"):
+        fold_batchnorm(model)
+    model = _with_trained_norms(model)
+    x = torch.rand(2, 3, 8, 8)
+    with torch.no_grad():
+        expected = model(x)
+        assert fold_batchnorm(model) == 1
+        assert isinstance(model[1], torch.nn.Identity)
+        torch.testing.assert_close(model(x), expected, rtol=1e-5, atol=1e-6)

@@ -9,8 +9,8 @@ import torch
 
 from rnnimg import tables, tasks
 from rnnimg.models.forecaster import Forecast, Forecaster, ForecasterConfig, to_grey
-from rnnimg.tasks.digits_synth import (GLYPH, MOTION_CLASSES, Anomaly, DigitsSynthConfig, compose, make_archive, plan, render_glyph,
-                                       render_sequence, to_rgb, trajectory)
+from rnnimg.tasks.digits_synth import (GLYPH, MOTION_CLASSES, Anomaly, DigitsSynthConfig, compose, digit_glyphs, digit_pool, make_archive, plan,
+                                       pool_of_split, render_glyph, render_sequence, to_rgb, trajectory)
 from rnnimg.tasks.predict import forecast_stats, frame_mse, ssim
 from rnnimg.video.clips import ClipSpec, uniform_clips
 from rnnimg.video.decode import VideoReader
@@ -44,6 +44,37 @@ def test_sequences_are_deterministic_two_digits_in_grey():
     assert not glyph[:2].any() and not glyph[-2:].any()  # inside its box, a margin as in MNIST
     with pytest.raises(ValueError, match="digit must be 0-9"):
         render_glyph(10, np.random.default_rng(0))
+    with pytest.raises(ValueError, match="pool must be one of"):
+        render_glyph(3, np.random.default_rng(0), "test")
+
+
+def test_glyphs_are_scikit_learns_real_digits_upscaled_and_split_into_disjoint_pools():
+    from sklearn.datasets import load_digits
+
+    data = load_digits()
+    glyphs, targets = digit_glyphs()
+    assert glyphs.shape == (1797, GLYPH, GLYPH) and (targets == data.target).all()
+    # Each glyph is its 8 x 8 source enlarged: shrunk back (box filter) it has the source's pattern (a correlation,
+    # not equality: bicubic smooths).
+    from PIL import Image
+
+    corr = []
+    for i in range(0, 1797, 50):
+        back = np.asarray(Image.fromarray(glyphs[i, 4:24, 4:24], mode="F").resize((8, 8), Image.Resampling.BOX))  # (20, 20) -> (8, 8)
+        corr.append(np.corrcoef(back.ravel(), data.images[i].ravel())[0, 1])
+    assert min(corr) > 0.9
+    assert np.allclose(glyphs.max((1, 2)), 1.0) and not glyphs[:, :4].any() and not glyphs[:, :, -4:].any()
+    train, heldout = digit_pool("train"), digit_pool("heldout")
+    assert len(np.intersect1d(train, heldout)) == 0 and len(train) + len(heldout) == 1797 and len(heldout) == 359
+    assert set(targets[heldout]) == set(range(10))  # every digit can be drawn from either pool
+    # A glyph drawn from a pool is one of that pool's digits, of the digit asked for.
+    rng = np.random.default_rng(3)
+    for pool, index in (("train", train), ("heldout", heldout)):
+        for digit in (0, 7):
+            glyph = render_glyph(digit, rng, pool)
+            match = np.flatnonzero((glyphs[index] == glyph).all((1, 2)))
+            assert len(match) >= 1 and (targets[index[match]] == digit).all()
+    assert [pool_of_split(s) for s in ("train", "val", "test", "unlabelled")] == ["train", "heldout", "heldout", "heldout"]
 
 
 @pytest.mark.parametrize("seed", range(6))
@@ -117,9 +148,12 @@ def test_archive_decodes_to_the_rendered_frames(digits_archive):
     assert table["split"].value_counts().to_dict() == {"train": 6, "val": 1, "test": 1, "unlabelled": 1}
     assert set(table["label"].dropna()) <= set(MOTION_CLASSES) and table.loc[table["split"] == "unlabelled", "label"].isna().all()
     videos = plan(root, config)
-    for split, uri, seed, label in videos[:2]:
-        assert table.loc[table["video_uri"] == uri, "label"].item() == MOTION_CLASSES[label]
-        grey, _ = render_sequence(np.random.default_rng(seed), config.frames, config.size, label)
+    test_video = next(v for v in videos if v[0] == "test")
+    for split, uri, seed, label in [*videos[:2], test_video]:
+        if split != "unlabelled":
+            assert table.loc[table["video_uri"] == uri, "label"].item() == MOTION_CLASSES[label]
+        # Training videos from the training digits, the others from the held-out ones.
+        grey, _ = render_sequence(np.random.default_rng(seed), config.frames, config.size, label, pool=pool_of_split(split))
         with VideoReader(uri, (64, 64)) as reader:
             assert reader.duration_s == pytest.approx(2.0, abs=0.05)
             ((_, frames),) = list(reader.clips(uniform_clips(reader.duration_s, ClipSpec(2.0, 20, 1.0))))

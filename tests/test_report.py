@@ -162,9 +162,10 @@ def test_errors_say_what_was_given(tmp_path):
 def test_labels_of_a_task_without_a_report_are_refused_by_name(tmp_path):
     labels = str(tmp_path / "labels")
     write_run(labels, {"/a.mp4": (["left"], [0.9])}, "r1")
-    storage.write_json(storage.join(labels, "_run", "config.json"), {"run_id": "r1", "model_id": "m1", "task": "objects"})
-    assert resolve_labels(labels).task == "objects"
-    with pytest.raises(ReportError, match=r"holds labels of task 'objects'; the report reads the tables of tasks \['classify', 'segment'\]"):
+    storage.write_json(storage.join(labels, "_run", "config.json"), {"run_id": "r1", "model_id": "m1", "task": "mytask"})
+    assert resolve_labels(labels).task == "mytask"
+    with pytest.raises(ReportError, match=r"holds labels of task 'mytask'; the report reads the tables of tasks "
+                                          r"\['classify', 'objects', 'predict', 'segment'\]"):
         build_report(labels, str(tmp_path / "report"))
 
 

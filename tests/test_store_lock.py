@@ -198,3 +198,42 @@ def test_lock_staleness_on_s3_uses_the_stores_clock(s3_bucket, monkeypatch):
     finally:
         holder.release()
     assert [f.uri for f in storage.list_files(f"{base}/_lock") if "/clock-" in f.uri] == []
+
+
+def _race_on_s3(target: str, writer: int) -> bool:
+    return create_if_absent(target, f"writer {writer}".encode())
+
+
+@pytest.mark.s3
+def test_create_if_absent_on_s3_has_exactly_one_winner_among_threads(s3_bucket):
+    for round_ in range(5):
+        target = f"{s3_bucket}/lock/round-{round_}.json"
+        results: list[tuple[bool, int]] = []
+        barrier = threading.Barrier(8)
+
+        def race(i: int) -> None:
+            barrier.wait()
+            results.append((create_if_absent(target, f"writer {i}".encode()), i))
+
+        threads = [threading.Thread(target=race, args=(i,)) for i in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        winners = [i for won, i in results if won]
+        assert len(results) == 8 and len(winners) == 1, results
+        assert storage.read_bytes(target) == f"writer {winners[0]}".encode()  # the winner's bytes, whole
+
+
+@pytest.mark.s3
+def test_create_if_absent_on_s3_has_exactly_one_winner_among_forked_processes(s3_bucket):
+    """The parent used S3 before forking: each child must make its own s3fs client and event loop."""
+    import multiprocessing
+
+    target = f"{s3_bucket}/lock/forked.json"
+    assert create_if_absent(f"{s3_bucket}/lock/warm.json", b"parent")  # the parent's client now exists
+    with multiprocessing.get_context("fork").Pool(4) as pool:
+        results = pool.starmap_async(_race_on_s3, [(target, i) for i in range(8)]).get(timeout=300)
+    assert sorted(results) == [False] * 7 + [True]
+    assert storage.read_bytes(target) == f"writer {results.index(True)}".encode()
+    assert create_if_absent(f"{s3_bucket}/lock/after.json", b"parent")  # and the parent's still works

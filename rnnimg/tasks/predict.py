@@ -6,7 +6,7 @@ how surprising each clip of an archive is.
     rnnimg label OUT/videos/test --model runs/model --out labels        # clips table with a surprise column
     rnnimg generate runs/model --from OUT/videos/test/test-00000.mp4 --seconds 4 --out pred.mp4
 
-- Data: ``rnnimg.tasks.digits_synth``, two hand-drawn digits bouncing in a 64 x 64 frame
+- Data: ``rnnimg.tasks.digits_synth``, two real handwritten digits (scikit-learn's ``load_digits``, upscaled) bouncing in a 64 x 64 frame
   (Moving-MNIST style); manifest ``video_uri``, ``label`` (motion class), ``split``.
 - Model: ``rnnimg.models.forecaster.Forecaster``; no teacher forcing, no scheduled sampling
   (the forecaster rolls its state forward without seeing frames).

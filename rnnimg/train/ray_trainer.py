@@ -10,6 +10,11 @@ worker that dies is replaced and the run continues from the last checkpoint (``m
 rerunning with the same ``out`` and ``name`` resumes at the next epoch. The checkpoint selected
 by the task's metric (classification: best ``val_acc``) is exported with ``rnnimg.checkpoint``.
 
+The driver shows every epoch as it is reported (``rnnimg.progress.EpochProgress``: a bar on a
+terminal, else a line per epoch): Ray Train's controller calls a ``UserCallback`` after each
+report, which posts rank 0's metrics to a small actor that a driver thread polls. Ray Train's own
+per-rank lines stay off the console unless ``rnnimg.runtime.verbose()``.
+
 One run at a time per run folder: ``train`` holds ``rnnimg.store_lock.StoreLock`` on
 ``OUT/ray/<name>`` from before the first worker starts until the export is written. A resume
 only loads a complete checkpoint (every file of ``CHECKPOINT_FILES``); when the one Ray hands
@@ -18,6 +23,7 @@ over is not, the newest complete ``epoch-NNNN`` folder before it is used.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import io
@@ -28,6 +34,7 @@ import os
 import pickle
 import re
 import tempfile
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -35,6 +42,7 @@ import torch
 
 from rnnimg import checkpoint, storage, tasks
 from rnnimg.models.precision import autocast_dtype
+from rnnimg.progress import EpochProgress
 from rnnimg.store_lock import LockHeld, StoreLock
 from rnnimg.train.config import TrainConfig
 from rnnimg.train.data import epoch_batches
@@ -182,6 +190,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
     import ray.train
     import ray.train.torch
 
+    from rnnimg.runtime import quiet_worker_console
+
+    quiet_worker_console(loop_config.get("verbose", False))  # no per-rank report lines on the driver's terminal
     task = tasks.get(loop_config["task"])
     model_config = task.config_from_dict(loop_config["model_config"])
     train_config = TrainConfig(**loop_config["train_config"])
@@ -387,38 +398,45 @@ def _fit_and_export(job: tasks.Task, manifest_uri: str, out: str, name: str, run
     import ray.train
     from ray.train.torch import TorchTrainer
 
+    from rnnimg.runtime import ray_train_log_level, verbose
+
     if storage.is_s3(runs):
         fs, path = storage.resolve(runs)
         storage_kwargs = {"storage_path": path, "storage_filesystem": fs}
     else:
         storage.makedirs(runs)
         storage_kwargs = {"storage_path": storage.normalize(runs)}
-    run_config = ray.train.RunConfig(
-        name=name,
-        **storage_kwargs,
-        checkpoint_config=ray.train.CheckpointConfig(
-            num_to_keep=train_config.keep_checkpoints, checkpoint_score_attribute=job.selection_metric,
-            checkpoint_score_order=job.selection_mode,
-        ),
-        failure_config=ray.train.FailureConfig(max_failures=train_config.max_failures),
-    )
-    resources = {"CPU": train_config.worker_cpus}
-    if train_config.use_gpu:
-        resources["GPU"] = train_config.gpus_per_worker
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config={
-            "task": job.name,
-            "model_config": job.config_to_dict(model_config),
-            "train_config": asdict(train_config),
-            "manifest_uri": manifest_uri if storage.is_s3(manifest_uri) else storage.normalize(manifest_uri),
-            "run_uri": run_uri,
-        },
-        scaling_config=ray.train.ScalingConfig(num_workers=train_config.workers, use_gpu=train_config.use_gpu, resources_per_worker=resources,
-                                               placement_strategy=train_config.placement),
-        run_config=run_config,
-    )
-    result = trainer.fit()
+    # Each epoch on the terminal as the run reports it (Ray Train's own per-rank report lines are off: ray_train_log_level).
+    with _show_epochs(EpochProgress(train_config.epochs, job.selection_metric)) as epoch_feed:
+        run_config = ray.train.RunConfig(
+            name=name,
+            **storage_kwargs,
+            checkpoint_config=ray.train.CheckpointConfig(
+                num_to_keep=train_config.keep_checkpoints, checkpoint_score_attribute=job.selection_metric,
+                checkpoint_score_order=job.selection_mode,
+            ),
+            failure_config=ray.train.FailureConfig(max_failures=train_config.max_failures),
+            logging_config=ray.train.LoggingConfig(log_level=ray_train_log_level()),
+            callbacks=[epoch_feed],
+        )
+        resources = {"CPU": train_config.worker_cpus}
+        if train_config.use_gpu:
+            resources["GPU"] = train_config.gpus_per_worker
+        trainer = TorchTrainer(
+            train_loop_per_worker,
+            train_loop_config={
+                "task": job.name,
+                "model_config": job.config_to_dict(model_config),
+                "train_config": asdict(train_config),
+                "manifest_uri": manifest_uri if storage.is_s3(manifest_uri) else storage.normalize(manifest_uri),
+                "run_uri": run_uri,
+                "verbose": verbose(),
+            },
+            scaling_config=ray.train.ScalingConfig(num_workers=train_config.workers, use_gpu=train_config.use_gpu,
+                                                   resources_per_worker=resources, placement_strategy=train_config.placement),
+            run_config=run_config,
+        )
+        result = trainer.fit()
     lock.check()  # a run whose lock was taken over leaves the export to the run that took it
     best_checkpoint, best_metrics = _best(result, job)
     model_uri = storage.join(out, "model")
@@ -434,6 +452,79 @@ def _fit_and_export(job: tasks.Task, manifest_uri: str, out: str, name: str, run
     report = job.write_report(model_uri, summary, history, best_metrics, model_config, model_id, manifest_uri=manifest_uri)
     return TrainResult(model_uri=model_uri, run_uri=run_uri, metrics=best_metrics, history=history,
                        report_uri=report.report_uri, evaluation=summary, report_markdown=report.markdown, task=job.name)
+
+
+def _epoch_board_class():
+    """A small actor that holds the epochs' metrics until the driver takes them."""
+    import ray
+
+    @ray.remote(num_cpus=0)
+    class EpochBoard:
+        def __init__(self):
+            self.waiting = []
+
+        def put(self, metrics: dict) -> None:
+            self.waiting.append(metrics)
+
+        def take(self) -> list[dict]:
+            taken, self.waiting = self.waiting, []
+            return taken
+
+    return EpochBoard
+
+
+def _epoch_feed_class():
+    """A ``ray.train.UserCallback`` (it runs in Ray Train's controller) that posts rank 0's metrics of every epoch to a board."""
+    import ray.train
+
+    class EpochFeed(ray.train.UserCallback):
+        def __init__(self, board):
+            self.board = board
+
+        def after_report(self, run_context, metrics, checkpoint):
+            if metrics:  # one dict per rank, all the same: the epoch's sums are all-reduced
+                self.board.put.remote(dict(metrics[0]))  # no wait: the controller's event loop goes on
+
+    return EpochFeed
+
+
+@contextlib.contextmanager
+def _show_epochs(display: EpochProgress, poll_s: float = 0.5):
+    """Yields the callback for ``RunConfig``; while the body runs (``trainer.fit()``) a thread shows each epoch reported.
+
+    The driver learns of an epoch only through Ray Train's controller: its ``UserCallback`` posts the
+    metrics to a board actor, and a thread here takes them every ``poll_s`` (and redraws the bar's clock).
+    """
+    import ray
+
+    board = _epoch_board_class().remote()
+    done = threading.Event()
+
+    def show_taken():
+        for metrics in ray.get(board.take.remote()):
+            display.epoch(metrics)
+
+    def follow():
+        while not done.wait(poll_s):
+            try:
+                show_taken()
+            except ray.exceptions.RayError:  # the board is gone (Ray shutting down): no more epochs to show
+                return
+            display.tick()
+
+    thread = threading.Thread(target=follow, name="rnnimg-epochs", daemon=True)
+    thread.start()
+    try:
+        yield _epoch_feed_class()(board)
+    finally:
+        done.set()
+        thread.join()
+        try:
+            show_taken()  # epochs reported after the thread's last look
+        except ray.exceptions.RayError:
+            pass  # never in place of the run's own error
+        display.close()
+        ray.kill(board)
 
 
 def _best(result, task: tasks.Task):
