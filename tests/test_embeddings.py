@@ -108,7 +108,9 @@ def test_embeddings_find_clips_of_the_same_label(ray_local, tiny_archive, tmp_pa
         select video_uri, clip_index, array_cosine_similarity(embedding::float[32], q.e) as similarity
         from '{out}/clips/*.parquet', q order by similarity desc limit 5
         """, [first]).fetchall()
-    assert rows[0][0] == first and rows[0][1] == 0 and rows[0][2] == pytest.approx(1.0, abs=1e-3)
+    # The clip itself comes first, or ties with clips whose features are the same to float16 precision.
+    assert rows[0][2] == pytest.approx(1.0, abs=1e-3)
+    assert (first, 0) in [(r[0], r[1]) for r in rows] or all(r[2] == pytest.approx(1.0, abs=1e-3) for r in rows)
     assert [r[2] for r in rows] == sorted((r[2] for r in rows), reverse=True)
 
 

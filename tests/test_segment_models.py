@@ -27,6 +27,7 @@ VARIANTS = {
     "conv ablation": dict(frames_per_clip=1, temporal=False, spatial="conv"),
     "conv ablation, 2 layers": dict(frames_per_clip=1, temporal=False, spatial="conv", spatial_layers=2),
     "renet on 2x2 patches": dict(frames_per_clip=1, temporal=False, spatial="renet", spatial_patch=2),
+    "renet without sweep norms, untied": dict(frames_per_clip=1, temporal=False, spatial="renet", spatial_norm=False, spatial_tied=False),
     "conv ablation, stride 2": dict(frames_per_clip=1, temporal=False, spatial="conv", spatial_patch=2),
 }
 
@@ -110,6 +111,64 @@ def test_renet_sees_the_opposite_corner_and_the_conv_ablation_does_not(spatial_p
             assert influence[:24, :24].max() == 0  # the conv stack's field ends well before the far half
 
 
+def test_renet_norm_normalises_each_sweep_and_a_plain_layer_keeps_its_weights_layout():
+    from rnnimg.nn import ReNet
+
+    torch.manual_seed(0)
+    plain, normed = ReNet(6, 4, patch_size=2), ReNet(6, 4, patch_size=2, norm=True)
+    assert set(normed.state_dict()) - set(plain.state_dict()) == {"horizontal_norm.weight", "horizontal_norm.bias",
+                                                                   "vertical_norm.weight", "vertical_norm.bias"}
+    assert not any("norm" in k for k in plain.state_dict())  # the layout saved before the option existed
+    rows = []
+    normed.horizontal.register_forward_hook(lambda m, inputs, output: rows.append(output[0]))
+    normed.vertical.register_forward_hook(lambda m, inputs, output: rows.append(output[0]))
+    out = normed(torch.randn(2, 6, 8, 10))
+    assert out.shape == (2, 8, 4, 5) and len(rows) == 2
+    # The sweeps' raw states are small; what the next sweep and the next layer read has unit scale per position.
+    assert all(r.std() < 0.5 for r in rows)
+    torch.testing.assert_close(out.mean(1), torch.zeros(2, 4, 5), atol=1e-5, rtol=0)
+    torch.testing.assert_close(out.var(1, unbiased=False), torch.ones(2, 4, 5), atol=1e-3, rtol=0)
+
+
+def test_tied_renet_shares_each_sweeps_weights_between_its_directions():
+    """Tied: flipping the image upside down flips the output and swaps the column sweep's two directions
+    (which an untied layer does not do), with half the recurrent parameters."""
+    from rnnimg.nn import ReNet
+
+    torch.manual_seed(0)
+    tied, untied = ReNet(5, 4, patch_size=1, tied=True, norm=True).double(), ReNet(5, 4, patch_size=1, norm=True).double()
+    assert 2 * sum(p.numel() for p in tied.horizontal.parameters()) == sum(p.numel() for p in untied.horizontal.parameters())
+    assert not any("reverse" in k for k in tied.state_dict())
+    x = torch.randn(2, 5, 6, 7, dtype=torch.float64)
+
+    def swap(out):  # (B, 2D, H, W): the column sweep's forward states <-> its reverse ones
+        return torch.cat([out[:, 4:], out[:, :4]], 1)
+
+    torch.testing.assert_close(tied(x.flip(2)), swap(tied(x)).flip(2))
+    assert not torch.allclose(untied(x.flip(2)), swap(untied(x)).flip(2))
+
+
+def _far_corner_influence(config: SegmenterConfig, seed: int) -> float:
+    """How much the bottom-right 8x8 logits move with the top-left 8x8 pixels, against the bottom-right pixels."""
+    torch.manual_seed(seed)
+    x = torch.rand(1, 1, 3, 64, 64) - 0.5
+    model = Segmenter(config).eval()
+    image = x.clone().requires_grad_(True)
+    model(image)[0, 0, 0, -8:, -8:].sum().backward()
+    influence = image.grad[0, 0].abs().sum(0)  # (3, H, W) -> (H, W)
+    return float(influence[:8, :8].mean() / influence[-8:, -8:].mean())
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_sweep_norms_make_the_far_corner_heard_at_initialisation(seed):
+    """Untrained, what crosses the frame is ~1e-4 of the local signal without the norms (bench/RESULTS_segment.md);
+    the norms lift it by more than 10x (measured ~50x); trained, the normed layer's later steps came sooner."""
+    common = dict(frame_size=64, frames_per_clip=1, temporal=False, spatial="renet", spatial_patch=2)
+    plain = _far_corner_influence(SegmenterConfig(**common, spatial_norm=False), seed)
+    normed = _far_corner_influence(SegmenterConfig(**common, spatial_norm=True), seed)
+    assert 0 < plain < 1e-3 and normed > 10 * plain
+
+
 @pytest.mark.parametrize("fields,message", [
     (dict(spatial="renet"), "needs temporal=false"),
     (dict(temporal=False, spatial="attention"), "spatial must be one of"),
@@ -119,6 +178,8 @@ def test_renet_sees_the_opposite_corner_and_the_conv_ablation_does_not(spatial_p
     (dict(mask_stride=4), "mask_stride must be one of"),
     (dict(temporal=False, spatial="renet", spatial_patch=3), "spatial_patch must be 1 or 2"),
     (dict(temporal=False, spatial_patch=2), "spatial_patch applies to spatial='renet' or 'conv'"),
+    (dict(temporal=False, spatial="renet", spatial_norm=1), "spatial_norm must be true or false"),
+    (dict(temporal=False, spatial="renet", spatial_tied="yes"), "spatial_tied must be true or false"),
 ])
 def test_config_refuses_combinations_that_mean_nothing(fields, message):
     with pytest.raises(ValueError, match=message):
@@ -157,6 +218,17 @@ def test_a_config_saved_before_the_new_fields_loads_the_architecture_it_was_save
     reference.load_state_dict(state)
     with torch.no_grad():
         torch.testing.assert_close(model(x), reference(x))
+
+
+def test_a_renet_config_saved_before_the_sweep_norms_and_tying_loads_the_plain_renet():
+    saved = {k: v for k, v in asdict(SegmenterConfig(frames_per_clip=1, temporal=False, spatial="renet", spatial_patch=2)).items()
+             if k not in ("spatial_norm", "spatial_tied")}
+    config = SegmenterConfig.from_dict(saved)
+    assert (config.spatial_norm, config.spatial_tied, config.spatial_patch) == (False, False, 2)
+    keys = set(Segmenter(config).state_dict())
+    assert not any("norm" in k for k in keys) and "rnn.0.horizontal.weight_ih_l0_reverse" in keys  # the layout of its time
+    new = SegmenterConfig(frames_per_clip=1, temporal=False, spatial="renet")
+    assert new.spatial_norm and new.spatial_tied  # new configs: the norms and tied sweeps
 
 
 def test_overrides_and_configs_saved_now_get_todays_fields():

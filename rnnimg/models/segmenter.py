@@ -14,10 +14,12 @@ resolution, a decoder with skip connections, per-frame mask logits.
 and kernel, so no information crosses frames. ``spatial="renet"`` (with ``temporal=False``) puts
 ``spatial_layers`` ReNet layers there (``rnnimg.nn.ReNet``: bidirectional row then column
 sweeps over patches of ``spatial_patch`` cells), so every low-resolution cell sees the whole
-frame; ``spatial="conv"`` is its ablation, a stack of one conv per sweep (the same depth, the
-first with stride ``spatial_patch``) whose width is chosen to have the same parameter count, so
-it sees a few cells only. With ``spatial_patch=2`` the middle layer's output is at h/2 and the
-decoder's first stage upsamples it to its skip's size.
+frame; ``spatial_norm`` (a LayerNorm on each sweep's output) and ``spatial_tied`` (one set of
+weights for both directions of a sweep) are what let it learn the still-image rule within a few
+CPU-minutes (bench/RESULTS_segment.md). ``spatial="conv"`` is its ablation, a stack of one conv
+per sweep (the same depth, the first with stride ``spatial_patch``) whose width is chosen to have
+the same parameter count, so it sees a few cells only. With ``spatial_patch=2`` the middle
+layer's output is at h/2 and the decoder's first stage upsamples it to its skip's size.
 
 ``mask_stride=2`` (the default) keeps every convolution off the full-resolution grid, which is
 what makes labelling cheap (bench/segment_label_cost.py): the last decoder stage runs at H/2 and
@@ -47,7 +49,8 @@ MASK_STRIDES = (1, 2)
 # with (``SegmenterConfig.from_dict``), not today's defaults.
 FIRST_FIELDS = frozenset({"frame_size", "frames_per_clip", "clip_seconds", "stride_seconds", "channels", "rnn_type", "hidden",
                           "kernel_size", "temporal", "dice_weight"})
-SAVED_BEFORE = {"mask_stride": 1, "spatial": "none", "spatial_layers": 1, "spatial_patch": 1}
+SAVED_BEFORE = {"mask_stride": 1, "spatial": "none", "spatial_layers": 1, "spatial_patch": 1, "spatial_norm": False,
+                "spatial_tied": False}
 
 
 @dataclass(frozen=True)
@@ -69,6 +72,8 @@ class SegmenterConfig(JsonConfig):
     spatial: str = "none"  # with temporal=False: "renet" (ReNet sweeps), "conv" (its same-size conv ablation)
     spatial_layers: int = 1  # ReNet layers (spatial="renet"), or pairs of convs (spatial="conv")
     spatial_patch: int = 1  # patch side of the first ReNet layer, in cells (the conv ablation: its first stride); 1 or 2
+    spatial_norm: bool = True  # spatial="renet": a LayerNorm on each sweep's output (rnnimg.nn.ReNet's norm); unused otherwise
+    spatial_tied: bool = True  # spatial="renet": each sweep's two directions share weights (ReNet's tied); unused otherwise
     mask_stride: int = 2  # the decoder stops at H/mask_stride, each cell's head gives its mask_stride^2 pixels; 1: a full-resolution stage
     dice_weight: float = 0.5  # weight of the soft Dice loss added to the per-pixel BCE
 
@@ -100,6 +105,9 @@ class SegmenterConfig(JsonConfig):
             raise ValueError(f"spatial_patch must be 1 or 2, got {self.spatial_patch!r}")
         if self.spatial == "none" and self.spatial_patch != 1:
             raise ValueError(f"spatial_patch applies to spatial='renet' or 'conv', got spatial_patch={self.spatial_patch} with spatial='none'")
+        for name in ("spatial_norm", "spatial_tied"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
         if self.mask_stride not in MASK_STRIDES:
             raise ValueError(f"mask_stride must be one of {MASK_STRIDES}, got {self.mask_stride!r}")
         if self.dice_weight < 0:
@@ -130,7 +138,8 @@ def _renet_stack(in_channels: int, config: SegmenterConfig) -> nn.Sequential:
 
     layers, c, d = [], in_channels, config.hidden // 2
     for k in range(config.spatial_layers):
-        layers.append(ReNet(c, d, patch_size=config.spatial_patch if k == 0 else 1, rnn_type=config.rnn_type))
+        layers.append(ReNet(c, d, patch_size=config.spatial_patch if k == 0 else 1, rnn_type=config.rnn_type,
+                            norm=config.spatial_norm, tied=config.spatial_tied))
         c = config.hidden
     stack = nn.Sequential(*layers)
     if config.rnn_type == "lstm":

@@ -7,10 +7,23 @@ top. After the row sweep each position has seen its whole row, after the column 
 whole image, so one ReNet layer has a global receptive field where a convolution stack of
 the same depth sees a few patches. The sweeps are rnnimg.nn's LSTM or GRU (hand-written
 backward).
+
+``norm=True`` puts a LayerNorm on each sweep's output (over the 2D features of a position): the
+row sweep's before the column sweep reads it, the column sweep's before the layer's output. An
+LSTM's states are small at initialisation (gates near 0.5, the input gate lower with chrono biases),
+so without it the column sweep reads near-constant inputs and what the row sweep carried from far
+away reaches the next layer even fainter (bench/RESULTS_segment.md, the still-image section).
+
+``tied=True`` gives each sweep's two directions one set of weights: one unidirectional layer runs
+over the sequences and over the same sequences reversed (one batch), and the reversed outputs are
+flipped back. Where flips leave the task unchanged, what one direction learns (carry something
+from the start of a row) then serves the other, where with separate weights each of the four
+corner-to-cell routes (row direction x column direction) has weights of its own. Half the parameters.
 """
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 
 from rnnimg.nn.modules import GRU, LSTM
@@ -33,6 +46,8 @@ class ReNet(nn.Module):
         patch_size: p, side of the square non-overlapping patches.
         rnn_type: ``"lstm"`` or ``"gru"``.
         bias: whether the recurrent layers use biases.
+        norm: LayerNorm on each sweep's output (module docstring); False: the plain layer.
+        tied: one set of weights for both directions of each sweep (module docstring); False: two.
 
     Raises:
         ValueError: on a non-positive size or an unknown rnn_type.
@@ -45,6 +60,8 @@ class ReNet(nn.Module):
         patch_size: int = 2,
         rnn_type: str = "lstm",
         bias: bool = True,
+        norm: bool = False,
+        tied: bool = False,
     ) -> None:
         super().__init__()
         if rnn_type not in _RNN_TYPES:
@@ -56,14 +73,27 @@ class ReNet(nn.Module):
         self.hidden_size = hidden_size
         self.patch_size = patch_size
         self.rnn_type = rnn_type
+        self.norm = norm
+        self.tied = tied
         cls = _RNN_TYPES[rnn_type]
         features = in_channels * patch_size * patch_size
-        sweep = {"bias": bias, "batch_first": True, "bidirectional": True}
+        sweep = {"bias": bias, "batch_first": True, "bidirectional": not tied}
         self.horizontal = cls(features, hidden_size, **sweep)  # along each row of patches
         self.vertical = cls(2 * hidden_size, hidden_size, **sweep)  # along each column
+        # Identity when off: a plain layer's state_dict keeps its keys.
+        self.horizontal_norm = nn.LayerNorm(2 * hidden_size) if norm else nn.Identity()
+        self.vertical_norm = nn.LayerNorm(2 * hidden_size) if norm else nn.Identity()
 
     def extra_repr(self) -> str:
-        return f"patch_size={self.patch_size}, rnn_type={self.rnn_type!r}"
+        return f"patch_size={self.patch_size}, rnn_type={self.rnn_type!r}, norm={self.norm}, tied={self.tied}"
+
+    def _sweep(self, rnn: nn.Module, seq: Tensor) -> Tensor:
+        """Both directions over (N, L, F) sequences -> (N, L, 2D): forward states, then reverse ones."""
+        if not self.tied:
+            return rnn(seq)[0]
+        n = seq.shape[0]
+        swept, _ = rnn(torch.cat([seq, seq.flip(1)]))  # (2N, L, F) -> (2N, L, D): the sequences, then reversed
+        return torch.cat([swept[:n], swept[n:].flip(1)], dim=2)  # -> (N, L, 2D), the reverse states in sequence order
 
     def forward(self, input: Tensor) -> Tensor:
         """Sweep the image; see the class docstring for shapes.
@@ -87,10 +117,10 @@ class ReNet(nn.Module):
         patches = input.reshape(batch, channels, rows, p, cols, p)
         patches = patches.permute(0, 2, 4, 1, 3, 5)  # -> (B, H', W', C, p, p)
         seq = patches.reshape(batch * rows, cols, channels * p * p)  # -> (B*H', W', C*p*p)
-        swept, _ = self.horizontal(seq)  # (B*H', W', C*p*p) -> (B*H', W', 2D)
+        swept = self.horizontal_norm(self._sweep(self.horizontal, seq))  # (B*H', W', C*p*p) -> (B*H', W', 2D)
         features = swept.shape[2]
         grid = swept.reshape(batch, rows, cols, features)  # (B*H', W', 2D) -> (B, H', W', 2D)
         seq = grid.transpose(1, 2).reshape(batch * cols, rows, features)  # -> (B*W', H', 2D)
-        swept, _ = self.vertical(seq)  # (B*W', H', 2D) -> (B*W', H', 2D)
+        swept = self.vertical_norm(self._sweep(self.vertical, seq))  # (B*W', H', 2D) -> (B*W', H', 2D)
         grid = swept.reshape(batch, cols, rows, features)  # (B*W', H', 2D) -> (B, W', H', 2D)
         return grid.permute(0, 3, 2, 1)  # (B, W', H', 2D) -> (B, 2D, H', W')
