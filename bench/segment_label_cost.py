@@ -38,12 +38,12 @@ SEGMENT = "segment (ConvLSTM segmenter, 3 epochs on the archive)"
 UNTRAINED = "segment, untrained (checkerboard masks: the worst case)"
 
 
-def run(folder: str, model: str, out: str) -> dict:
+def run(folder: str, model: str, out: str, precision: str = "auto") -> dict:
     from rnnimg.label import LabelConfig, label
 
     with TreeCPU() as cpu:
         started = time.perf_counter()
-        result = label(folder, model, out, LabelConfig(videos_per_shard=8))
+        result = label(folder, model, out, LabelConfig(videos_per_shard=8, precision=precision))
         wall = time.perf_counter() - started
     frames = result.clips * FRAMES_PER_CLIP
     rle_chars = mean_rle_chars(out) if "masks" in result.tables else None
@@ -97,17 +97,19 @@ def mean_rle_chars(out: str) -> float:
     return sum(map(len, lengths)) / max(1, len(lengths))
 
 
-def forward_ms_per_frame(model_uri: str, clips: int = 32, repeats: int = 3) -> float:
-    """CPU ms per frame of the model's forward pass alone: one thread, a batch of ``clips`` random clips, best of ``repeats``."""
+def forward_ms_per_frame(model_uri: str, clips: int = 32, repeats: int = 3, precision: str = "auto") -> float:
+    """CPU ms per frame of the model's forward pass alone: one thread, a batch of ``clips`` random clips, best of ``repeats``;
+    the model as the label job's actors run it (``rnnimg.label.Predictor``: folded, channels-last, bf16 weights for ``bf16``)."""
     import torch
-
-    from rnnimg.tasks import load_model
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        _, model, _, _ = load_model(model_uri)
-        x = torch.rand(clips, FRAMES_PER_CLIP, 3, FRAME_SIZE, FRAME_SIZE) - 0.5
+        from rnnimg.label import Predictor
+
+        predictor = Predictor(model_uri, threads=1, precision=precision)
+        model = predictor.model
+        x = (torch.rand(clips, FRAMES_PER_CLIP, 3, FRAME_SIZE, FRAME_SIZE) - 0.5).to(predictor.cast_dtype or torch.float32)
         with torch.inference_mode():
             model(x[:2])  # warm-up
             best = float("inf")
@@ -125,6 +127,8 @@ def main() -> int:
     parser.add_argument("--videos", type=int, default=16, help="videos in the archive (default 16)")
     parser.add_argument("--seconds", type=float, default=20.0, help="length of each video (default 20)")
     parser.add_argument("--rounds", type=int, default=2, help="interleaved rounds of both models (default 2)")
+    parser.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
+                        help="both models' precision in the label job (LabelConfig.precision; default auto: fp32 on CPU)")
     parser.add_argument("--untrained", action="store_true", help="also label with an untrained segmenter (worst-case masks)")
     parser.add_argument("--no-write", action="store_true", help=f"print only, do not update {os.path.relpath(RESULTS)}")
     args = parser.parse_args()
@@ -149,15 +153,15 @@ def main() -> int:
     }
     if args.untrained:
         models[UNTRAINED] = export_untrained_model(os.path.join(work, "segment"), task="segment", **plan)
-    forward = {name: forward_ms_per_frame(model) for name, model in models.items()}
+    forward = {name: forward_ms_per_frame(model, precision=args.precision) for name, model in models.items()}
     layout_before = export_untrained_model(os.path.join(work, "segment-full-resolution"), task="segment", mask_stride=1, **plan)
-    forward["segment, mask_stride=1 (the layout before)"] = forward_ms_per_frame(layout_before)
+    forward["segment, mask_stride=1 (the layout before)"] = forward_ms_per_frame(layout_before, precision=args.precision)
     ray.init(num_cpus=os.cpu_count() or 2, log_to_driver=False)
     results: dict[str, list[dict]] = {name: [] for name in models}
     try:
         for round_index in range(args.rounds):
             for name, model in models.items():
-                measured = run(folder, model, os.path.join(work, f"out-{round_index}-{name.split()[0]}"))
+                measured = run(folder, model, os.path.join(work, f"out-{round_index}-{len(results[name])}-{abs(hash(name))}"), args.precision)
                 results[name].append(measured)
                 print(f"round {round_index + 1}: {name}: {measured['frames']} frames, {measured['cpu']:.1f} CPU-s "
                       f"({1000 * measured['cpu'] / measured['frames']:.2f} ms per frame), wall {measured['wall']:.1f} s, "
@@ -176,7 +180,7 @@ def main() -> int:
         SECTION,
         "",
         f"Measured {datetime.date.today()} by `python bench/segment_label_cost.py --videos {args.videos} --seconds {args.seconds:g} "
-        f"--rounds {args.rounds}{' --untrained' if args.untrained else ''}` on {cpu_model()}, {os.cpu_count()} cores (load average before/after {load_before:.1f} / {load_after:.1f}).",
+        f"--rounds {args.rounds} --precision {args.precision}{' --untrained' if args.untrained else ''}` on {cpu_model()}, {os.cpu_count()} cores (load average before/after {load_before:.1f} / {load_after:.1f}).",
         "",
         f"One archive ({args.videos} synthetic segment videos of {args.seconds:g} s, 64x64, 12 fps, H.264) labelled by the whole job "
         f"on a local Ray with models sampling the same frames ({FRAMES_PER_CLIP} per {CLIP_SECONDS:g} s clip at "

@@ -68,7 +68,7 @@ class LabelConfig:
     stride_seconds: float | None = None  # override the model's clip stride (None: the model's)
     range_seconds: float = 600.0  # work per decode task: longer videos are split into ranges of this many seconds, shorter ones packed
     min_segment_seconds: float = 0.0  # segments shorter than this are absorbed by a neighbour (0: off)
-    precision: str = "auto"  # model precision: "bf16" autocast, "fp32", or "auto" (bf16 on GPU, fp32 on CPU), as in training
+    precision: str = "auto"  # model precision: "bf16" (autocast on GPU, bf16 weights on CPU), "fp32", or "auto" (bf16 on GPU, fp32 on CPU)
     embeddings: bool = False  # also write each clip's recurrent features (float16) in the task's embedding table
 
     def __post_init__(self) -> None:
@@ -310,7 +310,7 @@ class Predictor:
     (classification: ``label`` and ``score``). The frames column is dropped. With ``parts_out``
     the clip rows go no further than this actor: they are written to the store as part files
     (``stage_parts``) and only small records travel on to the driver. Precision follows the
-    training rule (``rnnimg.models.precision``).
+    training rule (``rnnimg.models.precision``); ``bf16`` on a CPU casts the weights to bf16 instead of autocasting.
     """
 
     def __init__(self, model_uri: str, device: str | None = None, threads: int | None = None, precision: str = "auto",
@@ -326,6 +326,12 @@ class Predictor:
         self.task, self.model, self.config, self.model_id = tasks.load_model(model_uri, self.device)
         for_inference(self.model)  # norms folded into their convs, channels-last: the same function, cheaper
         self.amp_dtype = autocast_dtype(precision, self.device)
+        # bf16 on a CPU: the weights themselves in bf16 (oneDNN's bf16 kernels, native on CPUs with
+        # AVX512-BF16 or AMX), not autocast, which would leave the hand-written recurrent cells in float32.
+        self.cast_dtype = None
+        if self.amp_dtype is not None and torch.device(self.device).type == "cpu":
+            self.model.to(self.amp_dtype)
+            self.cast_dtype, self.amp_dtype = self.amp_dtype, None
         self.columns = dict(self.task.clip_columns())
         self.embeddings = embeddings
         if embeddings:
@@ -351,7 +357,10 @@ class Predictor:
             with torch.inference_mode(), torch.autocast(device_type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None):
                 frames = torch.from_numpy(batch["frames"][todo]).to(self.device, non_blocking=True)  # uint8 (N, T, H, W, C)
                 options = {"embeddings": True} if self.embeddings else {}  # (N, D) float16 features as "embedding"
-                predicted = self.task.predict(self.model, to_model_input(frames), self.config, **options)  # -> (N, T, C, H, W) float
+                inputs = to_model_input(frames)  # -> (N, T, C, H, W) float
+                if self.cast_dtype is not None:
+                    inputs = inputs.to(self.cast_dtype)
+                predicted = self.task.predict(self.model, inputs, self.config, **options)
             for name, values in predicted.items():
                 if name == "embedding":
                     values = list(np.asarray(values, np.float16))  # one (D,) array per clip, in an object column
@@ -498,7 +507,7 @@ def _run_config(out: str, run_id: str | None, model: checkpoint.ExportedModel, s
     """The run's identity: reuse the one in ``OUT`` (resume) or start a new one.
 
     A rerun into ``OUT`` must be the same run: the same model, clip plan, shard size, inputs,
-    splits, listing rules and segment smoothing. Anything else would mix two runs' rows under one listing, so it
+    splits, listing rules, segment smoothing and precision. Anything else would mix two runs' rows under one listing, so it
     is refused, naming what differs.
     """
     path = storage.join(out, "_run", "config.json")
@@ -506,11 +515,11 @@ def _run_config(out: str, run_id: str | None, model: checkpoint.ExportedModel, s
               "videos": [storage.normalize(v) for v in videos], "splits": sorted(splits) if splits else None,
               "min_segment_seconds": config.min_segment_seconds, "allow_prefixes": sorted(allow_prefixes) if allow_prefixes else None,
               "extensions": sorted(extensions) if extensions else None, "embeddings": config.embeddings,
-              "embedding_size": embedding_size if config.embeddings else None}
+              "embedding_size": embedding_size if config.embeddings else None, "precision": config.precision}
     if storage.exists(path):
         # Keys a run written by an earlier version lacks take the value that version used.
         existing = {"task": checkpoint.DEFAULT_TASK, "splits": None, "min_segment_seconds": 0.0, "allow_prefixes": None, "extensions": None,
-                    "embeddings": False, "embedding_size": None, **storage.read_json(path)}
+                    "embeddings": False, "embedding_size": None, "precision": "auto", **storage.read_json(path)}
         differ = [k for k in wanted if existing.get(k) != wanted[k]]
         if differ:
             what = "; ".join(f"{k} {existing.get(k)!r} there, {wanted[k]!r} now" for k in differ)

@@ -100,7 +100,7 @@ def test_rerun_with_another_model_into_the_same_output_is_refused(ray_local, arc
 
 
 
-def test_rerun_with_other_inputs_splits_or_smoothing_is_refused_naming_what_differs(ray_local, tiny_archive, untrained_model, tmp_path):
+def test_rerun_with_other_inputs_splits_smoothing_or_precision_is_refused_naming_what_differs(ray_local, tiny_archive, untrained_model, tmp_path):
     root, manifest = tiny_archive
     out = str(tmp_path / "labels")
     label(manifest, untrained_model, out, splits=["unlabelled"])
@@ -108,6 +108,7 @@ def test_rerun_with_other_inputs_splits_or_smoothing_is_refused_naming_what_diff
         (dict(videos=os.path.join(root, "videos", "unlabelled")), "videos"),
         (dict(videos=manifest, splits=["test"]), "splits"),
         (dict(videos=manifest, splits=["unlabelled"], config=LabelConfig(min_segment_seconds=4.0)), "min_segment_seconds"),
+        (dict(videos=manifest, splits=["unlabelled"], config=LabelConfig(precision="bf16")), "precision"),
     ]
     for kwargs, what in refused:
         videos = kwargs.pop("videos")

@@ -141,10 +141,10 @@ class Forecaster(nn.Module):
         grey = to_grey(clips)
         b, _, _, height, width = grey.shape
         context = grey[:, : config.context_frames]
-        x = context.reshape(-1, 1, height, width)  # (B, K, 1, H, W) -> (B*K, 1, H, W)
+        dtype = self._weights_dtype()  # float32, or bf16 for a model cast to it (labelling on a CPU)
+        x = context.reshape(-1, 1, height, width).to(dtype)  # (B, K, 1, H, W) -> (B*K, 1, H, W)
         x = self.frame_encoder(x)  # (B*K, 1, H, W) -> (B*K, C, h, w)
         _, c, hh, ww = x.shape
-        dtype = self._weights_dtype()
         with torch.autocast(clips.device.type, enabled=False):  # the hand-written cells run in their weights' dtype
             x = x.reshape(b, config.context_frames, c, hh, ww).to(dtype)  # (B*K, C, h, w) -> (B, K, C, h, w)
             if config.labels:
