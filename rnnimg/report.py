@@ -275,7 +275,12 @@ class LabelSource:
 
 
 @dataclass(frozen=True)
-class ReportResult:
+class _Result:
+    """What every report's result holds first: where it is, what it read, its videos by status, its time.
+
+    Each task's result adds its counts, a ``headline`` and the small table the label-report flow publishes.
+    """
+
     out: str  # the report folder
     html: str  # its HTML page
     labels: str  # what was read
@@ -285,11 +290,27 @@ class ReportResult:
     ok: int
     partial: int
     failed: int
+    seconds: float  # the time it took to build
+
+    def summary(self) -> dict:
+        return asdict(self)
+
+    def headline(self) -> list[str]:
+        """The report in a few markdown lines (the label-report flow's summary artifact)."""
+        return [f"task `{self.task}`, model `{self.model_id}`, runs {', '.join(self.runs) or 'not recorded'}",
+                *self._counts(), f"report `{self.html}`, built in {self.seconds:.1f} s"]
+
+    def _counts(self) -> list[str]:
+        """The task's lines of the headline, between the model and the report's place."""
+        return [f"{self.videos} videos: {self.ok} ok, {self.partial} partial, {self.failed} failed"]
+
+
+@dataclass(frozen=True)
+class ReportResult(_Result):
     clips: int
     low_confidence_clips: int  # rows of the review queue
     threshold: float
     label_clips: dict[str, int]  # clips per label
-    seconds: float
     task: str = "classify"
 
     # The small per-label table that the label-report flow publishes, and how.
@@ -300,38 +321,22 @@ class ReportResult:
     TABLE_DESCRIPTION: ClassVar[str] = "Clips, videos and duration per label"
     PAGE_DESCRIPTION: ClassVar[str] = "Review page: label distribution, score histogram, players with clickable label timelines, review queue"
 
-    def summary(self) -> dict:
-        return asdict(self)
-
-    def headline(self) -> list[str]:
-        """The report in a few markdown lines (the label-report flow's summary artifact)."""
+    def _counts(self) -> list[str]:
         return [
-            f"model `{self.model_id}`, runs {', '.join(self.runs) or 'not recorded'}",
             f"{self.videos} videos: {self.ok} ok, {self.partial} partial, {self.failed} failed; {self.clips} clips",
             f"review queue: {self.low_confidence_clips} clips with score below {self.threshold:g} (`{storage.join(self.out, 'review')}`)",
-            f"report `{self.html}`, built in {self.seconds:.1f} s",
         ]
 
 
 @dataclass(frozen=True)
-class MasksReportResult:
+class MasksReportResult(_Result):
     """The counts of a masks (task ``segment``) report, written to ``summary.json``."""
 
-    out: str  # the report folder
-    html: str  # its HTML page
-    labels: str  # what was read
-    model_id: str | None
-    runs: list[str]
-    videos: int  # videos in the report (current rows)
-    ok: int
-    partial: int
-    failed: int
     frames: int  # sampled frames with a mask row
     frames_with_mask: int  # of those, frames whose mask is not empty
     mean_area_fraction: float | None  # over all frames; None with no frames
     overlays: list[str]  # videos drawn with their masks over their frames
     overlay_notes: dict[str, str]  # video -> why its overlay could not be drawn
-    seconds: float
     task: str = "segment"
 
     TABLE: ClassVar[str] = AREAS_TABLE
@@ -341,40 +346,24 @@ class MasksReportResult:
     TABLE_DESCRIPTION: ClassVar[str] = "Sampled frames per mask-area fraction"
     PAGE_DESCRIPTION: ClassVar[str] = "Static HTML report: mask-area histogram, area timelines, masks drawn over frames"
 
-    def summary(self) -> dict:
-        return asdict(self)
-
-    def headline(self) -> list[str]:
-        """The report in a few markdown lines (the label-report flow's summary artifact)."""
+    def _counts(self) -> list[str]:
         mean = "n/a" if self.mean_area_fraction is None else f"{self.mean_area_fraction:.3f}"
         return [
-            f"task `segment`, model `{self.model_id}`, runs {', '.join(self.runs) or 'not recorded'}",
             f"{self.videos} videos: {self.ok} ok, {self.partial} partial, {self.failed} failed; {self.frames} sampled frames, "
             f"{self.frames_with_mask} with a mask; mean area fraction {mean}",
             f"overlays of {len(self.overlays)} videos" + (f", {len(self.overlay_notes)} could not be drawn" if self.overlay_notes else ""),
-            f"report `{self.html}`, built in {self.seconds:.1f} s",
         ]
 
 
 @dataclass(frozen=True)
-class ObjectsReportResult:
+class ObjectsReportResult(_Result):
     """The counts of an objects (task ``objects``) report, written to ``summary.json``."""
 
-    out: str  # the report folder
-    html: str  # its HTML page
-    labels: str  # what was read
-    model_id: str | None
-    runs: list[str]
-    videos: int  # videos in the report (current rows)
-    ok: int
-    partial: int
-    failed: int
     detections: int  # rows of the objects tables
     tracks: int  # rows of the tracks tables (one per video and class seen)
     class_detections: dict[str, int]  # detections per class
     overlays: list[str]  # videos drawn with their boxes over their frames
     overlay_notes: dict[str, str]  # video -> why its boxes could not be drawn
-    seconds: float
     task: str = "objects"
 
     TABLE: ClassVar[str] = CLASSES_TABLE
@@ -384,40 +373,24 @@ class ObjectsReportResult:
     TABLE_DESCRIPTION: ClassVar[str] = "Detections, tracks and seconds seen per class"
     PAGE_DESCRIPTION: ClassVar[str] = "Review page: detections per class, score histogram, per-class timelines with players, boxes over frames"
 
-    def summary(self) -> dict:
-        return asdict(self)
-
-    def headline(self) -> list[str]:
-        """The report in a few markdown lines (the label-report flow's summary artifact)."""
+    def _counts(self) -> list[str]:
         return [
-            f"task `objects`, model `{self.model_id}`, runs {', '.join(self.runs) or 'not recorded'}",
             f"{self.videos} videos: {self.ok} ok, {self.partial} partial, {self.failed} failed; {self.detections} detections, "
             f"{self.tracks} tracks of {len(self.class_detections)} classes",
             f"box overlays of {len(self.overlays)} videos" + (f", {len(self.overlay_notes)} could not be drawn" if self.overlay_notes else ""),
-            f"report `{self.html}`, built in {self.seconds:.1f} s",
         ]
 
 
 @dataclass(frozen=True)
-class SurpriseReportResult:
+class SurpriseReportResult(_Result):
     """The counts of a surprise (task ``predict``) report, written to ``summary.json``."""
 
-    out: str  # the report folder
-    html: str  # its HTML page
-    labels: str  # what was read
-    model_id: str | None
-    runs: list[str]
-    videos: int  # videos in the report (current rows)
-    ok: int
-    partial: int
-    failed: int
     clips: int  # clips with a surprise score
     mean_surprise: float | None  # over those clips; None with none
     min_surprise: float | None
     max_surprise: float | None
     ranked: int  # rows of ranking.parquet
     thumbnail_notes: dict[str, str]  # video -> why its ranked clips have no thumbnail
-    seconds: float
     task: str = "predict"
 
     TABLE: ClassVar[str] = RANKING_TABLE
@@ -427,19 +400,13 @@ class SurpriseReportResult:
     TABLE_DESCRIPTION: ClassVar[str] = "The most surprising clips"
     PAGE_DESCRIPTION: ClassVar[str] = "Review page: surprise histogram, the most surprising clips playable from their start, surprise timelines"
 
-    def summary(self) -> dict:
-        return asdict(self)
-
-    def headline(self) -> list[str]:
-        """The report in a few markdown lines (the label-report flow's summary artifact)."""
+    def _counts(self) -> list[str]:
         mean = "n/a" if self.mean_surprise is None else f"{self.mean_surprise:.3f}"
         top = "n/a" if self.max_surprise is None else f"{self.max_surprise:.3f}"
         return [
-            f"task `predict`, model `{self.model_id}`, runs {', '.join(self.runs) or 'not recorded'}",
             f"{self.videos} videos: {self.ok} ok, {self.partial} partial, {self.failed} failed; {self.clips} clips scored, "
             f"mean surprise {mean}, largest {top}",
             f"the {self.ranked} most surprising clips in `{storage.join(self.out, RANKING_TABLE)}`",
-            f"report `{self.html}`, built in {self.seconds:.1f} s",
         ]
 
 
@@ -649,6 +616,28 @@ def build_report(labels: str, out: str, config: ReportConfig = ReportConfig(),
     return report(source, out, config, started)
 
 
+def _result_fields(source: LabelSource, out: str, video_rows: int, statuses, started: float) -> dict:
+    """The fields every report's result starts with: where it is, what it read, its videos by status, its time."""
+    from rnnimg import tables
+
+    counts = {s: int(statuses.get(s, 0)) for s in tables.VIDEO_STATUSES}
+    return {"out": out, "html": storage.join(out, "index.html"), "labels": source.location, "model_id": source.model_id,
+            "runs": source.runs, "videos": int(video_rows), "ok": counts["ok"], "partial": counts["partial"], "failed": counts["failed"],
+            "seconds": round(time.perf_counter() - started, 3)}
+
+
+def _keep_readable(videos_out: str, video_rows: int, schema: pa.Schema) -> None:
+    """An empty per-video folder gets an empty part with its schema, so that it still opens as a table."""
+    if video_rows == 0:
+        storage.write_table(schema.empty_table(), storage.join(videos_out, "part-00000.parquet"))
+
+
+def _write_page(result, page: str, error_types: dict, config: "ReportConfig") -> None:
+    """``index.html`` and ``summary.json`` (the result, the error types, the config) of a report."""
+    storage.write_bytes(result.html, page.encode("utf-8"))
+    storage.write_json(storage.join(result.out, "summary.json"), {**result.summary(), "error_types": error_types, "config": asdict(config)})
+
+
 def _clips_report(source: LabelSource, out: str, config: ReportConfig, started: float) -> ReportResult:
     """The classification report (task ``classify``): per label, per video, the review queue."""
     import dask
@@ -727,28 +716,17 @@ def _clips_report(source: LabelSource, out: str, config: ReportConfig, started: 
         timeline_segments = timeline_segments.rename(columns={"mean_score": "score"})
     problem_rows = _first_problems(problem_rows, config.problem_videos)
 
-    counts = {s: int(statuses_s.get(s, 0)) for s in tables.VIDEO_STATUSES}
     error_types = {str(k): int(v) for k, v in errors_s.items()}
     result = ReportResult(
-        out=out,
-        html=storage.join(out, "index.html"),
-        labels=labels,
-        model_id=source.model_id,
-        runs=source.runs,
-        videos=int(video_rows),
-        ok=counts["ok"],
-        partial=counts["partial"],
-        failed=counts["failed"],
+        **_result_fields(source, out, video_rows, statuses_s, started),
         clips=total_clips,
         low_confidence_clips=int(review_rows),
         threshold=threshold,
         label_clips=dict(zip(label_table.column("label").to_pylist(), label_table.column("clips").to_pylist())),
-        seconds=round(time.perf_counter() - started, 3),
     )
     page = _html(result, config, label_table.to_pandas(), histogram_s, error_types, timeline_uris, timeline_clips,
                  timeline_videos, lowest.head(config.review_examples), timeline_segments, problem_rows)
-    storage.write_bytes(result.html, page.encode("utf-8"))
-    storage.write_json(storage.join(out, "summary.json"), {**result.summary(), "error_types": error_types, "config": asdict(config)})
+    _write_page(result, page, error_types, config)
     return result
 
 
@@ -1384,8 +1362,7 @@ def _masks_report(source: LabelSource, out: str, config: ReportConfig, started: 
     histogram_s, totals_s, statuses_s, errors_s, first_s, masked_s, video_rows = dask.compute(
         histogram, totals, statuses, errors, first_videos, first_masked, _write_partitions(per_video, videos_out, MASK_VIDEOS_SUMMARY),
     )
-    if video_rows == 0:  # keep the folder readable, with its schema
-        storage.write_table(MASK_VIDEOS_SUMMARY.empty_table(), storage.join(videos_out, "part-00000.parquet"))
+    _keep_readable(videos_out, video_rows, MASK_VIDEOS_SUMMARY)
     frames = int(histogram_s.sum()) if len(histogram_s) else 0
     areas = _areas_table(histogram_s, bins, frames)
     storage.write_table(areas, storage.join(out, AREAS_TABLE))
@@ -1412,29 +1389,18 @@ def _masks_report(source: LabelSource, out: str, config: ReportConfig, started: 
             notes[uri] = str(err)
             log.warning("no overlay for %s: %s", uri, err)
 
-    counts = {s: int(statuses_s.get(s, 0)) for s in tables.VIDEO_STATUSES}
     error_types = {str(k): int(v) for k, v in errors_s.items()}
     result = MasksReportResult(
-        out=out,
-        html=storage.join(out, "index.html"),
-        labels=labels,
-        model_id=source.model_id,
-        runs=source.runs,
-        videos=int(video_rows),
-        ok=counts["ok"],
-        partial=counts["partial"],
-        failed=counts["failed"],
+        **_result_fields(source, out, video_rows, statuses_s, started),
         frames=frames,
         frames_with_mask=int(totals_s.get("with_mask", 0)) if frames else 0,
         mean_area_fraction=float(totals_s["area"]) / frames if frames else None,
         overlays=list(overlays),
         overlay_notes=notes,
-        seconds=round(time.perf_counter() - started, 3),
     )
     page = _masks_html(result, config, areas.to_pandas(), error_types, timeline_uris,
                        timeline_masks, timeline_videos, overlays)
-    storage.write_bytes(result.html, page.encode("utf-8"))
-    storage.write_json(storage.join(out, "summary.json"), {**result.summary(), "error_types": error_types, "config": asdict(config)})
+    _write_page(result, page, error_types, config)
     return result
 
 
@@ -1745,8 +1711,7 @@ def _objects_report(source: LabelSource, out: str, config: ReportConfig, started
         per_class, per_class_tracks, histogram, statuses, errors, first, _problem_rows(videos, config.problem_videos),
         _write_partitions(per_video, videos_out, OBJECT_VIDEOS_SUMMARY),
     )
-    if video_rows == 0:  # keep the folder readable, with its schema
-        storage.write_table(OBJECT_VIDEOS_SUMMARY.empty_table(), storage.join(videos_out, "part-00000.parquet"))
+    _keep_readable(videos_out, video_rows, OBJECT_VIDEOS_SUMMARY)
     class_table = _classes_table(per_class_df, per_class_tracks_df)
     storage.write_table(class_table, storage.join(out, CLASSES_TABLE))
 
@@ -1774,29 +1739,18 @@ def _objects_report(source: LabelSource, out: str, config: ReportConfig, started
             notes[uri] = str(err)
             log.warning("no box overlay for %s: %s", uri, err)
 
-    counts = {s: int(statuses_s.get(s, 0)) for s in tables.VIDEO_STATUSES}
     error_types = {str(k): int(v) for k, v in errors_s.items()}
     result = ObjectsReportResult(
-        out=out,
-        html=storage.join(out, "index.html"),
-        labels=labels,
-        model_id=source.model_id,
-        runs=source.runs,
-        videos=int(video_rows),
-        ok=counts["ok"],
-        partial=counts["partial"],
-        failed=counts["failed"],
+        **_result_fields(source, out, video_rows, statuses_s, started),
         detections=int(sum(class_table.column("detections").to_pylist())),
         tracks=int(sum(class_table.column("tracks").to_pylist())),
         class_detections=dict(zip(class_table.column("label").to_pylist(), class_table.column("detections").to_pylist())),
         overlays=list(overlays),
         overlay_notes=notes,
-        seconds=round(time.perf_counter() - started, 3),
     )
     page = _objects_html(result, config, class_table.to_pandas(), histogram_s, error_types, _first_problems(problem_rows, config.problem_videos),
                          timeline_uris, timeline_objects, timeline_tracks, timeline_videos, segments, overlays)
-    storage.write_bytes(result.html, page.encode("utf-8"))
-    storage.write_json(storage.join(out, "summary.json"), {**result.summary(), "error_types": error_types, "config": asdict(config)})
+    _write_page(result, page, error_types, config)
     return result
 
 
@@ -2079,8 +2033,7 @@ def _surprise_report(source: LabelSource, out: str, config: ReportConfig, starte
         totals, statuses, errors, first, top, _problem_rows(videos, config.problem_videos),
         _write_partitions(per_video, videos_out, SURPRISE_VIDEOS_SUMMARY),
     )
-    if video_rows == 0:  # keep the folder readable, with its schema
-        storage.write_table(SURPRISE_VIDEOS_SUMMARY.empty_table(), storage.join(videos_out, "part-00000.parquet"))
+    _keep_readable(videos_out, video_rows, SURPRISE_VIDEOS_SUMMARY)
     scored = int(totals_s["count"])
     top_surprise = float(totals_s["max"]) if scored else 0.0
     # The histogram over [0, the largest surprise]: a second pass over the one column.
@@ -2096,30 +2049,19 @@ def _surprise_report(source: LabelSource, out: str, config: ReportConfig, starte
     storage.write_table(pa.Table.from_pandas(ranking[RANKING.names], schema=RANKING, preserve_index=False), storage.join(out, RANKING_TABLE))
     thumbs, notes = _start_thumbnails(ranking, out)
 
-    counts = {s: int(statuses_s.get(s, 0)) for s in tables.VIDEO_STATUSES}
     error_types = {str(k): int(v) for k, v in errors_s.items()}
     result = SurpriseReportResult(
-        out=out,
-        html=storage.join(out, "index.html"),
-        labels=labels,
-        model_id=source.model_id,
-        runs=source.runs,
-        videos=int(video_rows),
-        ok=counts["ok"],
-        partial=counts["partial"],
-        failed=counts["failed"],
+        **_result_fields(source, out, video_rows, statuses_s, started),
         clips=scored,
         mean_surprise=float(totals_s["sum"]) / scored if scored else None,
         min_surprise=float(totals_s["min"]) if scored else None,
         max_surprise=top_surprise if scored else None,
         ranked=len(ranking),
         thumbnail_notes=notes,
-        seconds=round(time.perf_counter() - started, 3),
     )
     page = _surprise_html(result, config, histogram_s, width, error_types, _first_problems(problem_rows, config.problem_videos),
                           ranking, thumbs, timeline_uris, timeline_clips, timeline_videos)
-    storage.write_bytes(result.html, page.encode("utf-8"))
-    storage.write_json(storage.join(out, "summary.json"), {**result.summary(), "error_types": error_types, "config": asdict(config)})
+    _write_page(result, page, error_types, config)
     return result
 
 
