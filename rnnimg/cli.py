@@ -194,7 +194,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=_positive_int, default=32, help="clips per model call (default 32)")
     p.add_argument("--actors", type=_positive_int, default=1, help="model replicas in the actor pool (default 1)")
     p.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
-                   help="model precision: bf16 autocast or fp32; auto: bf16 on GPU, fp32 on CPU, as in training (default auto)")
+                   help="model precision: bf16 (autocast on GPU; on CPU the weights in bf16, fast where the CPU has "
+                        "AVX512-BF16 or AMX) or fp32; auto: bf16 on GPU, fp32 on CPU, as in training (default auto)")
     p.add_argument("--embeddings", action="store_true",
                    help="also write each clip's recurrent features (float16, the state after its last frame) as an 'embedding' "
                    "column of the clips table (classify)")
