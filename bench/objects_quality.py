@@ -10,9 +10,12 @@ archive (``rnnimg.tasks.objects_synth``: objects of 3 classes moving behind bars
 and prints, on the test split, per-frame per-class F1 at box IoU >= 0.5 on all frames and on
 frames where the object is visible (uncovered), occluded (partly covered) and hidden (fully
 covered). Targets: temporal >= 0.9 on visible frames and >= 0.7 on hidden ones; per_frame
-<= 0.2 on hidden ones. The two trainings run at the same time, one process and one core each.
+<= 0.2 on hidden ones. The two trainings run at the same time, one process and one core each
+(``--workers 1``: one after the other). ``--head cells`` compares the per-cell design
+(ConvLSTM per cell, a box per cell) instead of the tracker head.
 
     .venv/bin/python bench/objects_quality.py                          # 30 epochs: 862 s on a shared 2-core EPYC
+    .venv/bin/python bench/objects_quality.py --head cells --workers 1 --archive /tmp/a800
     .venv/bin/python bench/objects_quality.py --videos 40 --epochs 1   # a smoke run
 """
 
@@ -66,7 +69,7 @@ def fit_and_score(manifest: str, variant: str, epochs: int, clips_per_video: int
                                                  task, config, scheduler))
         val = task.summarize(evaluate(model, iter_batches(iter_clips(val_rows, task, config, train=False, rng=rng), 16), "cpu", task, config))
         history.append({"epoch": epoch, "train_loss": round(summary["loss"], 4), "val_f1": round(val["f1"], 3),
-                        "val_f1_hidden": round(val["f1_hidden"], 3)})
+                        **{f"val_f1_{c}": round(val[f"f1_{c}"], 3) for c in CATEGORIES[1:]}})
         if val["f1"] > best_f1:  # the checkpoint the Ray path would export: the best val_f1
             best_f1, best_epoch = val["f1"], epoch
             best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -93,6 +96,8 @@ def main(argv=None) -> int:
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--seed", type=int, default=11)
+    parser.add_argument("--head", default="", help="the model's head, 'tracker' or 'cells' (default: ObjectsConfig's)")
+    parser.add_argument("--workers", type=int, default=2, choices=(1, 2), help="trainings at a time (1: one after the other)")
     parser.add_argument("--model-option", action="append", default=[], metavar="KEY=JSON", help="a model config field, e.g. rnn_hidden=192")
     parser.add_argument("--minutes", type=float, default=0.0,
                         help="stop a model's training after the first epoch that ends past this many minutes (0: no limit)")
@@ -100,6 +105,8 @@ def main(argv=None) -> int:
     parser.add_argument("--archive", default="", help="keep the archive in this folder and reuse it when it is there (default: a temporary one)")
     args = parser.parse_args(argv)
     overrides = {k: json.loads(v) for k, _, v in (o.partition("=") for o in args.model_option)}
+    if args.head:
+        overrides["head"] = args.head
 
     from rnnimg.tasks.objects_synth import ObjectsSynthConfig, make_archive
 
@@ -111,7 +118,7 @@ def main(argv=None) -> int:
             manifest = make_archive(folder, ObjectsSynthConfig(videos=args.videos, seed=args.seed), processes=2)
         print(f"archive: {args.videos} videos at {folder} in {time.perf_counter() - started:.0f} s", flush=True)
         variants = [v for v in args.variants.split(",") if v]
-        with ProcessPoolExecutor(max_workers=2, mp_context=multiprocessing.get_context("spawn")) as pool:
+        with ProcessPoolExecutor(max_workers=args.workers, mp_context=multiprocessing.get_context("spawn")) as pool:
             runs = [pool.submit(fit_and_score, manifest, v, args.epochs, args.clips_per_video, args.batch_size, args.lr, overrides, args.minutes)
                     for v in variants]
             results = {r["variant"]: r for r in (run.result() for run in runs)}
@@ -121,7 +128,8 @@ def main(argv=None) -> int:
     print(f"\nmachine: {cpu_model()}, {os.cpu_count()} cores, Python {sys.version.split()[0]}, torch {torch.__version__}, "
           f"load average now {os.getloadavg()[0]:.1f}")
     print(f"budget per model: {args.epochs} epochs x {args.clips_per_video} clips x {first['train_videos']} train videos, "
-          f"batch {args.batch_size}, lr {args.lr}, one core; checkpoint: best val F1 ({first['val_videos']} videos); "
+          f"batch {args.batch_size}, lr {args.lr}, one core, {args.workers} at a time; head {first['config']['head']}; "
+          f"checkpoint: best val F1 ({first['val_videos']} videos); "
           f"test {first['test_videos']} videos; wall {time.perf_counter() - started:.0f} s in all\n")
     print("| model | F1 all | F1 visible | F1 occluded | F1 hidden | P hidden | R hidden | epochs run | best epoch | train s |")
     print("|---|---|---|---|---|---|---|---|---|---|")
@@ -131,6 +139,11 @@ def main(argv=None) -> int:
               f"{t['precision_hidden']:.3f} | {t['recall_hidden']:.3f} | {r['epochs_run']} | {r['best_epoch']} | {r['train_s']:.0f} |")
     print("objects in the test split (class-frames): " + ", ".join(f"{c} {first['test']['objects' + ('' if c == 'all' else '_' + c)]}"
                                                                    for c in CATEGORIES))
+    print("\n| model | frames | val F1 by epoch |\n|---|---|---|")
+    for name, r in results.items():
+        for c in ("visible", "hidden"):
+            key = f"val_f1_{c}"
+            print(f"| {name} | {c} | {' '.join(f'{h[key]:.3f}' for h in r['history'])} |")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"args": vars(args), "results": results}, f, indent=2, default=str)

@@ -13,13 +13,14 @@ import pytest
 import torch
 
 from rnnimg import storage, tables, tasks
-from rnnimg.models.objects import ObjectCRNN, ObjectOutputs, ObjectsConfig
+from rnnimg.models.objects import CellObjectCRNN, ObjectCRNN, ObjectOutputs, ObjectsConfig
 from rnnimg.tasks.objects import (CATEGORIES, ObjectsTarget, box_iou, clip_objects_json, detection_counts, flip_clip, load_truth,
                                   summarize_counts, truth_at)
 from rnnimg.tasks.objects_synth import LABELS, OCCLUDER, ObjectsSynthConfig, make_archive, render_video
 from rnnimg.video.clips import Clip, frame_times
 
 TINY = dict(frame_size=32, frames_per_clip=4, cnn_channels=[4, 8], grid=2, feature_dim=16, rnn_hidden=8)
+TRACKER = dict(TINY, head="tracker")  # the pooled-features + tracker head, whatever the default
 
 
 @pytest.fixture(scope="module")
@@ -168,7 +169,7 @@ def test_flips_move_boxes_with_the_frames():
 
 @pytest.mark.parametrize("temporal,rnn_type,rnn_impl", [(True, "lstm", "reference"), (True, "gru", "torch"), (False, "lstm", "reference")])
 def test_model_shapes_and_gradients(temporal, rnn_type, rnn_impl):
-    config = ObjectsConfig(**TINY, temporal=temporal, rnn_type=rnn_type, rnn_impl=rnn_impl)
+    config = ObjectsConfig(**TRACKER, temporal=temporal, rnn_type=rnn_type, rnn_impl=rnn_impl)
     model = task().build_model(config)
     x = torch.randn(2, 4, 3, 32, 32)
     features, per_frame = model.forward_features(x)
@@ -192,14 +193,14 @@ def test_per_frame_ablation_lets_no_information_cross_frames():
     changed[:, 0] += 1.0  # change the first frame only
     for temporal, later_frames_change in ((False, False), (True, True)):
         torch.manual_seed(0)
-        model = ObjectCRNN(ObjectsConfig(**TINY, temporal=temporal)).eval()
+        model = ObjectCRNN(ObjectsConfig(**TRACKER, temporal=temporal)).eval()
         with torch.no_grad():
             differs = (model(x).detections[:, 1:] - model(changed).detections[:, 1:]).abs().max() > 1e-6
         assert bool(differs) is later_frames_change
 
 
 def test_the_tracker_takes_the_measurement_where_its_gains_are_one_and_coasts_on_the_velocity_where_zero():
-    model = ObjectCRNN(ObjectsConfig(**TINY, labels=("a",))).eval()
+    model = ObjectCRNN(ObjectsConfig(**TRACKER, labels=("a",))).eval()
     measured = torch.zeros(1, 6, 1, 5)
     measured[0, :, 0, 0] = torch.tensor([0.1, 0.2, 0.3, 0.9, 0.9, 0.9])  # x moves 0.1 per frame, then a wrong measurement
     measured[0, :, 0, 1] = 0.5
@@ -212,7 +213,7 @@ def test_the_tracker_takes_the_measurement_where_its_gains_are_one_and_coasts_on
     centre_x = (box[:, 0] + box[:, 2]) / 2
     assert centre_x.tolist() == pytest.approx([0.1, 0.2, 0.3, 0.4, 0.5, 0.6], abs=1e-4)  # coasting, not the wrong measurement
     assert (box[:, 2] - box[:, 0]).tolist() == pytest.approx([0.2] * 6, abs=1e-4)
-    ablation = ObjectCRNN(ObjectsConfig(**TINY, labels=("a",), temporal=False)).eval()
+    ablation = ObjectCRNN(ObjectsConfig(**TRACKER, labels=("a",), temporal=False)).eval()
     ablation.head = torch.nn.Identity()
     flat = ablation.forward_head(raw, measured)[0, :, 0, 1:]
     assert ((flat[:, 0] + flat[:, 2]) / 2).tolist() == pytest.approx([0.1, 0.2, 0.3, 0.9, 0.9, 0.9], abs=1e-4)  # per frame: what shows
@@ -266,7 +267,7 @@ def test_detection_counts_and_f1_at_iou_half_on_hand_made_frames():
 
 
 def test_summarize_sums_batches_into_epoch_metrics():
-    config = ObjectsConfig(**TINY)
+    config = ObjectsConfig(**TRACKER)
     targets = torch.tensor([[[_slot(1), _slot(0), _slot(1, visible=0.0)]]])  # (1, 1, 3, 7)
     detections = torch.tensor([[[_out(3.0), _out(-3.0), _out(-3.0)]]])
     one = task().batch_stats(ObjectOutputs(detections, torch.zeros(1, 1, 3, 5), torch.zeros(1, 1, 3, 2, 2)), targets, config)
@@ -358,3 +359,118 @@ def test_training_through_ray_then_labelling_writes_objects_and_tracks(ray_local
     assert n_objects == len(frame) and sorted(v for (v,) in long) == sorted(tracks["video_uri"].unique()) and none == []
     videos_table = pd.read_parquet(os.path.join(out, "videos"))
     assert len(videos_table) == 2 and (videos_table["status"] == "ok").all() and (videos_table["clips"] == 2).all()
+
+
+# ----------------------------------------------------------------------------- the per-cell head (head="cells")
+
+
+@pytest.mark.parametrize("temporal,rnn_type", [(True, "lstm"), (True, "gru"), (False, "lstm")])
+def test_cells_head_shapes_and_gradients(temporal, rnn_type):
+    config = ObjectsConfig(**TINY, head="cells", cell_hidden=6, temporal=temporal, rnn_type=rnn_type)
+    model = task().build_model(config)
+    assert isinstance(model, CellObjectCRNN)
+    x = torch.randn(2, 4, 3, 32, 32)
+    state, grid = model.forward_features(x)
+    assert state.shape == (2, 4, 6, 8, 8) and grid.shape == (2, 4, 8, 8, 8)
+    outputs = model(x)
+    assert outputs.detections.shape == (2, 4, 3, 5) and outputs.cells.shape == (2, 4, 3, 5, 8, 8) and outputs.heat.shape == (2, 4, 3, 8, 8)
+    box = outputs.detections[..., 1:]
+    assert (box >= 0).all() and (box <= 1).all() and (box[..., 0] <= box[..., 2]).all() and (box[..., 1] <= box[..., 3]).all()
+    targets = torch.zeros(2, 4, 3, 7)
+    targets[:, :, 0, 0] = 1
+    targets[:, :, 0, 2:6] = torch.tensor([0.1, 0.1, 0.4, 0.5])
+    targets[:, :, 1, 1] = 1  # ignored
+    loss = task().loss(outputs, targets, config)
+    loss.backward()
+    assert torch.isfinite(loss) and all(p.grad is not None for p in model.parameters())
+    with torch.inference_mode():
+        out = task().predict(model.eval(), torch.zeros(1, 4, 3, 32, 32), config)
+    assert len(json.loads(out["objects"][0])["frames"]) == 4  # the label job's format, unchanged
+
+
+def _hand_made_cells(g=4):
+    """(1, 2, 5, g, g): class 0 peaks at row 2, column 1 with its centre a quarter into the cell; class 1 peaks at (0, 3)."""
+    cells = torch.zeros(1, 2, 5, g, g)
+    cells[:, :, 0] = -3.0
+    cells[0, 0, 0, 2, 1] = 2.0
+    cells[0, 0, 0, 3, 3] = 1.5  # a weaker peak elsewhere: not picked
+    cells[0, 0, 1, 2, 1] = float(torch.logit(torch.tensor(0.375)))  # ox = 2 * 0.375 - 0.5 = 0.25
+    cells[0, 0, 2, 2, 1] = float(torch.logit(torch.tensor(0.5)))  # oy = 0.5
+    cells[0, 0, 3, 2, 1] = float(np.log(2.0))  # width: 2 cells
+    cells[0, 1, 0, 0, 3] = -1.0
+    return cells
+
+
+def test_decode_cells_picks_the_highest_cell_and_its_box():
+    from rnnimg.models.objects import decode_cells
+
+    detections = decode_cells(_hand_made_cells())
+    logit, box = detections[0, 0, 0], detections[0, 0, 1:]
+    assert float(logit) == pytest.approx(2.0)
+    # centre ((1 + 0.25) / 4, (2 + 0.5) / 4) = (0.3125, 0.625); width 2/4, height exp(0)/4
+    assert box.tolist() == pytest.approx([0.3125 - 0.25, 0.625 - 0.125, 0.3125 + 0.25, 0.625 + 0.125], abs=1e-5)
+    assert float(detections[0, 1, 0]) == pytest.approx(-1.0)
+    centre_x = (detections[0, 1, 1] + detections[0, 1, 3]) / 2
+    assert float(centre_x) == pytest.approx((3 + 0.5) / 4, abs=1e-5)  # offset 0 -> sigmoid 0.5 -> the cell's middle
+
+
+def test_cell_loss_is_lowest_where_the_map_matches_the_truth():
+    from rnnimg.tasks.objects import cell_loss
+
+    cells = _hand_made_cells()[None]  # (1, 1, 2, 5, 4, 4)
+    right = torch.zeros(1, 1, 2, 7)
+    right[0, 0, 0, 0] = 1
+    right[0, 0, 0, 2:6] = torch.tensor([0.0625, 0.5, 0.5625, 0.75])  # the box class 0's peak cell predicts
+    moved = right.clone()
+    moved[0, 0, 0, 2:6] = torch.tensor([0.5625, 0.0, 1.0, 0.25])  # the same object elsewhere: another centre cell
+    assert float(cell_loss(cells, right, 5.0, 2.0)) < float(cell_loss(cells, moved, 5.0, 2.0))
+    hidden = right.clone()
+    hidden[0, 0, 0, 6] = 0.0  # hidden objects are targets too: the loss does not change with visibility
+    assert float(cell_loss(cells, hidden, 5.0, 2.0)) == pytest.approx(float(cell_loss(cells, right, 5.0, 2.0)))
+    ignored = right.clone()
+    ignored[0, 0, 1, 1] = 1.0  # class 1 ignored: its cells count nowhere
+    claimed = cells.clone()
+    claimed[0, 0, 1, 0] = 4.0  # class 1 claimed in every cell
+    assert float(cell_loss(claimed, right, 5.0, 2.0)) > float(cell_loss(cells, right, 5.0, 2.0)) + 1.0
+    assert float(cell_loss(claimed, ignored, 5.0, 2.0)) == pytest.approx(float(cell_loss(cells, ignored, 5.0, 2.0)))
+
+
+def test_cells_ablation_passes_no_gradient_across_frames():
+    x = torch.randn(1, 4, 3, 32, 32, requires_grad=True)
+    for temporal in (False, True):
+        torch.manual_seed(0)
+        model = task().build_model(ObjectsConfig(**TINY, head="cells", cell_hidden=6, temporal=temporal)).eval()
+        cells = model(x).cells
+        (grad,) = torch.autograd.grad(cells[:, 2].sum(), x)
+        earlier, later = grad[:, :2].abs().max(), grad[:, 3:].abs().max()
+        assert float(grad[:, 2].abs().max()) > 0 and float(later) == 0.0  # nothing flows backwards in time
+        if temporal:
+            assert float(earlier) > 0  # the recurrent model does carry frames 0 and 1 into frame 2
+        else:
+            assert float(earlier) == 0.0  # exactly zero: frame t's output does not depend on frame t - 1
+
+
+def test_old_configs_load_with_the_tracker_head_and_new_fields_round_trip():
+    from dataclasses import asdict, dataclass
+
+    from rnnimg.models.objects import FIRST_FIELDS, SAVED_BEFORE
+
+    config = ObjectsConfig(**TINY)
+    old = {k: v for k, v in asdict(config).items() if k in FIRST_FIELDS}  # a config.json written before the cells head
+    assert set(old) == FIRST_FIELDS and not set(SAVED_BEFORE) & FIRST_FIELDS
+    loaded = task().config_from_dict(json.loads(json.dumps(old)))
+    assert loaded.head == "tracker" and isinstance(task().build_model(loaded), ObjectCRNN)
+
+    @dataclass(frozen=True)
+    class CellsByDefault(ObjectsConfig):  # a later version whose default is the cells head
+        head: str = "cells"
+
+    assert CellsByDefault().head == "cells" and CellsByDefault.from_dict(old).head == "tracker"  # old files keep their old layout
+    assert isinstance(task().build_model(CellsByDefault.from_dict(old)), ObjectCRNN)
+    cells = ObjectsConfig(**{**TINY, "cnn_channels": (4, 8)}, head="cells", cell_hidden=6)
+    back = task().config_from_dict(json.loads(cells.to_json()))
+    assert back == cells and isinstance(task().build_model(back), CellObjectCRNN)
+    with pytest.raises(ValueError, match="head must be one of"):
+        ObjectsConfig(head="anchors")
+    with pytest.raises(ValueError, match="cell_kernel odd"):
+        ObjectsConfig(cell_kernel=2)

@@ -1,8 +1,24 @@
-"""Object CRNN: the CRNN's per-frame CNN on a spatial grid, per-frame measurements of where each
-class is, an LSTM/GRU over time, and per frame, for each class, a presence logit and a box.
+"""Object CRNN: the CRNN's per-frame CNN on a spatial grid, a recurrent layer over time, and per
+frame, for each class, a presence logit and a box. Two heads (``ObjectsConfig.head``):
+
+``head="cells"`` (the default, ``CellObjectCRNN``; bench/RESULTS_objects.md, run 3): no pooling and
+no tracker; the recurrence runs per cell of the map and every cell predicts, CenterNet/YOLO-style:
 
     clip (B, T, 3, H, W) -> frame CNN (rnnimg.models.crnn.SmallCNN's stride-2 stages, then one
-                            context conv) -> map (B*T, C, g, g), g = H / 2^stages
+                            context conv)                           -> map (B, T, C, g, g), g = H / 2^stages
+        map -> rnnimg.nn.ConvLSTM (ConvGRU) over T, k x k gates    -> state (B, T, S, g, g)
+               (``temporal=False``: a k x k conv C -> S and tanh, frame by frame: the ablation)
+        [state, map] -> 3x3 conv, ReLU, 1x1 conv                   -> cells (B, T, K, 5, g, g):
+               per class and cell a presence logit, the centre's offset in the cell (dx, dy), log size (w, h)
+        decode (``decode_cells``): per class the cell with the highest logit -> (B, T, K, 5)
+
+A hidden object lives in the state of the cells it was last seen in; the k x k recurrent kernel
+moves it from cell to cell as the object moves behind the occluder. The box comes from the cell
+that holds the object, not from pooled features: that is what lifted visible F1 (run 3).
+
+``head="tracker"`` (``ObjectCRNN``, every model saved before ``head`` existed):
+
+    clip -> the same frame CNN and context conv -> map (B*T, C, g, g)
         map -> grid pool, flatten, linear (SmallCNN's projection)       -> features (B, T, D)
         map -> 1x1 convs: per class a heat logit and a size per cell
             -> soft-argmax over the cells: centre, size, evidence        -> measured (B, T, K, 5)
@@ -21,17 +37,16 @@ Why the tracker: an LSTM asked to output positions itself learns to copy and ext
 slowly (bench/RESULTS_objects.md, development notes: still a median 14 px off on visible
 objects whose measurement it was given, after 900 steps). So the recurrent state that carries
 the boxes is an alpha-beta filter (centre and velocity per class, constant velocity between
-frames) whose gains the LSTM sets at
-every step from what it has seen: gain 1 where the object shows (take the measurement), 0 while
-it is hidden (coast on the velocity), small velocity gains to smooth it. Presence comes from the
-LSTM directly (an object stays present while hidden).
+frames) whose gains the LSTM sets at every step from what it has seen: gain 1 where the object
+shows (take the measurement), 0 while it is hidden (coast on the velocity), small velocity gains
+to smooth it. Presence comes from the LSTM directly (an object stays present while hidden).
 
-One instance per class per frame: the head has one presence and one box per class.
+One instance per class per frame: both heads have one presence and one box per class.
 ``temporal=False`` is the ablation: no state crosses frames; the recurrent layer is replaced by a
-per-frame layer of the same input and output sizes, and the box is the frame's measurement.
+per-frame layer of the same input and output sizes (tracker: the box is the frame's measurement).
 
-``forward_features`` returns the recurrent features (B, T, R) and the measurements;
-``forward_head`` the detections from both.
+``forward_features`` returns the recurrent features (tracker: (B, T, R) and the measurements;
+cells: the per-cell state and the map); ``forward_head`` the detections (cells: the per-cell outputs).
 """
 
 from __future__ import annotations
@@ -46,12 +61,26 @@ from rnnimg.models.config import JsonConfig
 from rnnimg.models.crnn import RNN_IMPLS, RNN_TYPES, SmallCNN, make_rnn
 
 
+HEADS = ("cells", "tracker")
+# Fields of the configs saved before ``head`` existed (every one of them a tracker model), and what
+# the fields added since meant then: an old config.json loads with its old layout, not today's default (cells).
+FIRST_FIELDS = frozenset({"labels", "frame_size", "frames_per_clip", "clip_seconds", "stride_seconds", "cnn_channels", "grid",
+                          "feature_dim", "rnn_type", "rnn_impl", "rnn_hidden", "rnn_layers", "dropout", "temporal", "min_inside",
+                          "box_weight", "giou_weight", "measure_weight", "score_threshold"})
+SAVED_BEFORE = {"head": "tracker", "cell_hidden": 32, "cell_kernel": 3, "presence_sigma": 0.5}
+# The cells' presence bias starts at logit(0.5) = 0: the decoded score (the highest of the g*g cells) then
+# starts near the share of present class-frames (about one half in the synthetic data), and an untrained
+# model reports some classes at the default threshold (what a first report shows).
+PRESENCE_PRIOR = 0.5
+
+
 class ObjectOutputs(NamedTuple):
     """What the object CRNN returns."""
 
     detections: torch.Tensor  # (B, T, K, 5): presence logit, box x0, y0, x1, y1 in [0, 1]
-    measured: torch.Tensor  # (B, T, K, 5): per-frame soft-argmax centre x, y, size w, h (in [0, 1]) and evidence logit
-    heat: torch.Tensor  # (B, T, K, g, g): per-frame heat logits of each class over the grid cells
+    measured: torch.Tensor | None  # (B, T, K, 5): per-frame soft-argmax centre x, y, size w, h (in [0, 1]) and evidence logit; cells: None
+    heat: torch.Tensor  # (B, T, K, g, g): per-frame heat logits (cells: the presence logits) of each class over the grid cells
+    cells: torch.Tensor | None = None  # (B, T, K, 5, g, g), head "cells" only: per cell presence logit, dx, dy, log w, log h
 
 
 @dataclass(frozen=True)
@@ -80,6 +109,10 @@ class ObjectsConfig(JsonConfig):
     giou_weight: float = 2.0  # weight of the generalised-IoU box loss
     measure_weight: float = 2.0  # weight of the per-frame measurement loss (visible objects: centre and size L1, evidence BCE)
     score_threshold: float = 0.5  # presence probability from which a class is reported in a frame
+    head: str = "cells"  # "cells": a ConvLSTM per cell, presence and box per cell; "tracker": pooled features -> LSTM -> box tracker
+    cell_hidden: int = 32  # head "cells": channels of the per-cell recurrent state (or of the ablation's conv)
+    cell_kernel: int = 3  # head "cells": odd kernel of the ConvLSTM's gates (how far state moves per step: k // 2 cells)
+    presence_sigma: float = 0.5  # head "cells": Gaussian radius (cells) of the target over the cells around the object's centre
 
     def __post_init__(self) -> None:
         if len(self.labels) < 1 or len(set(self.labels)) != len(self.labels):
@@ -107,6 +140,24 @@ class ObjectsConfig(JsonConfig):
                              f"got {self.box_weight}, {self.giou_weight}, {self.measure_weight}")
         if not 0.0 < self.score_threshold < 1.0:
             raise ValueError(f"score_threshold must be in (0, 1), got {self.score_threshold}")
+        if self.head not in HEADS:
+            raise ValueError(f"head must be one of {HEADS}, got {self.head!r}")
+        if self.cell_hidden < 1 or self.cell_kernel < 1 or self.cell_kernel % 2 == 0:
+            raise ValueError(f"cell_hidden must be >= 1 and cell_kernel odd and >= 1, got {self.cell_hidden}, {self.cell_kernel}")
+        if not self.presence_sigma > 0:
+            raise ValueError(f"presence_sigma must be > 0, got {self.presence_sigma}")
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "ObjectsConfig":
+        """Build from a dict (config.json); a config saved before ``head`` existed (it has every one
+        of ``FIRST_FIELDS``) gets the old layout for the fields added since (``SAVED_BEFORE``).
+
+        Raises:
+            ValueError: an unknown key, or a value the checks refuse.
+        """
+        if FIRST_FIELDS <= set(data):
+            data = {**{k: v for k, v in SAVED_BEFORE.items() if k not in data}, **data}
+        return super().from_dict(data)
 
     @property
     def num_classes(self) -> int:
@@ -213,5 +264,94 @@ class ObjectCRNN(nn.Module):
         return per_frame._replace(detections=self.forward_head(sequence, per_frame.measured))
 
 
-def build_model(config: ObjectsConfig) -> ObjectCRNN:
-    return ObjectCRNN(config)
+def cell_boxes(cells: torch.Tensor) -> torch.Tensor:
+    """Per-cell boxes (..., 4, g, g) x0, y0, x1, y1 in [0, 1] from the raw per-cell outputs (..., 5, g, g).
+
+    Cell (i, j) (row i, column j) of a g x g grid puts the centre at ((j + ox) / g, (i + oy) / g)
+    with ox = 2 sigmoid(dx) - 0.5 in (-0.5, 1.5) (a centre near a cell's edge can be claimed by
+    either neighbour: YOLOv5's offsets), and the size at exp(log w) / g (one cell at 0).
+    """
+    g_h, g_w = cells.shape[-2:]
+    cols = torch.arange(g_w, device=cells.device, dtype=cells.dtype)
+    rows = torch.arange(g_h, device=cells.device, dtype=cells.dtype)[:, None]
+    cx = (cols + 2 * cells[..., 1, :, :].sigmoid() - 0.5) / g_w  # (..., g, g)
+    cy = (rows + 2 * cells[..., 2, :, :].sigmoid() - 0.5) / g_h
+    w = cells[..., 3, :, :].clamp(-6.0, float(torch.log(torch.tensor(float(g_w))))).exp() / g_w  # at most the frame
+    h = cells[..., 4, :, :].clamp(-6.0, float(torch.log(torch.tensor(float(g_h))))).exp() / g_h
+    box = torch.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], dim=-3)  # 4 x (..., g, g) -> (..., 4, g, g)
+    return box.clamp(0.0, 1.0)
+
+
+def decode_cells(cells: torch.Tensor) -> torch.Tensor:
+    """Detections (..., 5) from the raw per-cell outputs (..., 5, g, g): per class the cell with the
+    highest presence logit gives the score (that logit) and the box (``cell_boxes``)."""
+    flat = cells.flatten(-2)  # (..., 5, g, g) -> (..., 5, g*g)
+    best = flat[..., 0, :].argmax(-1)  # (...,)
+    logit = flat[..., 0, :].gather(-1, best[..., None])  # (..., 1)
+    boxes = cell_boxes(cells).flatten(-2)  # (..., 4, g*g)
+    box = boxes.gather(-1, best[..., None, None].expand(*best.shape, 4, 1))[..., 0]  # (..., 4, 1) -> (..., 4)
+    return torch.cat([logit, box], dim=-1)  # (..., 5)
+
+
+class CellObjectCRNN(nn.Module):
+    """Per-frame CNN map -> ConvLSTM/ConvGRU per cell over time (or a per-frame conv) -> per class and cell, presence and box.
+
+    Shapes (K classes, C = cnn_channels[-1], S = cell_hidden, g = frame_size / 2^len(cnn_channels)):
+        input clips: float (B, T, 3, H, W), values roughly in [-0.5, 0.5]
+        forward_features -> state (B, T, S, g, g) and the frame map (B, T, C, g, g)
+        forward_head     -> cells (B, T, K, 5, g, g): presence logit, dx, dy, log w, log h per class and cell
+        forward          -> ``ObjectOutputs(detections (B, T, K, 5), None, heat (B, T, K, g, g), cells)``
+
+    ``temporal=False`` replaces the recurrent layer by a k x k conv C -> S and tanh applied to
+    each frame alone: the same sizes, no information across frames (BatchNorm aside, which in
+    training mixes the frames of a batch in its statistics, as in every model here).
+    """
+
+    def __init__(self, config: ObjectsConfig):
+        super().__init__()
+        self.config = config
+        k, c, s, kernel = config.num_classes, config.cnn_channels[-1], config.cell_hidden, config.cell_kernel
+        self.cnn = SmallCNN(config.cnn_channels, config.grid, config.feature_dim).stages  # the CRNN's per-frame CNN, no pooling
+        self.context = nn.Sequential(nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c), nn.ReLU(inplace=True))
+        if config.temporal:
+            from rnnimg.nn import ConvGRU, ConvLSTM
+
+            self.rnn = (ConvLSTM if config.rnn_type == "lstm" else ConvGRU)(c, s, kernel, num_layers=config.rnn_layers)
+        else:
+            self.rnn = nn.Sequential(nn.Conv2d(c, s, kernel, padding=kernel // 2), nn.Tanh())
+        self.dropout = nn.Dropout2d(config.dropout)
+        self.head = nn.Sequential(nn.Conv2d(s + c, s, 3, padding=1), nn.ReLU(inplace=True), nn.Conv2d(s, 5 * k, 1))
+        with torch.no_grad():
+            bias = self.head[-1].bias.view(k, 5)
+            bias.zero_()
+            bias[:, 0] = float(torch.logit(torch.tensor(PRESENCE_PRIOR)))
+            bias[:, 3:] = 0.4  # exp(0.4) ~ 1.5 cells: about the objects' size
+
+    def forward_features(self, clips: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The per-cell state (B, T, S, g, g) and the frames' maps (B, T, C, g, g)."""
+        b, t, c, h, w = clips.shape
+        grid = self.context(self.cnn(clips.reshape(b * t, c, h, w)))  # (B*T, 3, H, W) -> (B*T, C, g, g)
+        grid = grid.reshape(b, t, *grid.shape[1:])  # (B*T, C, g, g) -> (B, T, C, g, g)
+        if not self.config.temporal:
+            state = self.rnn(grid.flatten(0, 1))  # (B*T, C, g, g) -> (B*T, S, g, g), frame by frame
+            return state.reshape(b, t, *state.shape[1:]), grid  # (B*T, S, g, g) -> (B, T, S, g, g)
+        weights_dtype = next(self.rnn.parameters()).dtype
+        with torch.autocast(grid.device.type, enabled=False):  # the hand-written cells run in their weights' dtype
+            state, _ = self.rnn(grid.to(weights_dtype))  # (B, T, C, g, g) -> (B, T, S, g, g)
+        return state, grid
+
+    def forward_head(self, state: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
+        """Raw per-cell outputs (B, T, K, 5, g, g) from the state (B, T, S, g, g) and the frames' maps (B, T, C, g, g)."""
+        b, t = state.shape[:2]
+        x = torch.cat([state.to(grid.dtype), grid], dim=2).flatten(0, 1)  # (B, T, S + C, g, g) -> (B*T, S + C, g, g)
+        cells = self.head(self.dropout(x))  # (B*T, 5K, g, g)
+        return cells.reshape(b, t, self.config.num_classes, 5, *cells.shape[-2:])  # (B*T, 5K, g, g) -> (B, T, K, 5, g, g)
+
+    def forward(self, clips: torch.Tensor) -> ObjectOutputs:
+        cells = self.forward_head(*self.forward_features(clips))
+        return ObjectOutputs(decode_cells(cells), None, cells[..., 0, :, :], cells)
+
+
+def build_model(config: ObjectsConfig) -> nn.Module:
+    """The model of ``config.head``: ``ObjectCRNN`` (tracker) or ``CellObjectCRNN`` (cells)."""
+    return CellObjectCRNN(config) if config.head == "cells" else ObjectCRNN(config)

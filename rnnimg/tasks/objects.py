@@ -1,5 +1,5 @@
 """Task ``objects``: what is where in every frame, also while it is hidden (object CRNN: per-frame
-CNN on a grid -> LSTM/GRU -> per class, a presence score and a box).
+CNN on a grid -> ConvLSTM per cell (or LSTM/GRU) -> per class, a presence score and a box).
 
     rnnimg synth OUT --task objects
     rnnimg train OUT/manifest.parquet --out runs --task objects --frames-per-clip 16
@@ -8,16 +8,19 @@ CNN on a grid -> LSTM/GRU -> per class, a presence score and a box).
 - Data: ``rnnimg.tasks.objects_synth``, objects of K classes moving over clutter, entering,
   leaving and passing behind bars. Manifest columns ``video_uri``, ``objects_uri`` (an ``.npz``
   of per-frame truth: ``inside``, ``boxes``, ``visible`` per class, and the frame times), ``split``.
-- Model: ``rnnimg.models.objects.ObjectCRNN`` (``temporal=False``: the per-frame ablation). One
-  instance per class per frame.
+- Model: ``rnnimg.models.objects.CellObjectCRNN`` (``head="cells"``, the default: a ConvLSTM per
+  cell, presence and box per cell) or ``ObjectCRNN`` (``head="tracker"``: pooled features, LSTM,
+  box tracker); ``temporal=False``: the per-frame ablation. One instance per class per frame.
 - Sample: a random clip window; its target is float32 (T, K, 7) per sampled frame and class:
   ``present``, ``ignore``, box ``x0, y0, x1, y1`` (normalised), ``visible``. An object counts as
   present from ``min_inside`` of its pixels inside the frame, hidden or not; with less it is
   ignored (neither to find nor a false positive). Augmentation: flips of frames and boxes alike,
   colour channels permuted.
-- Loss: presence BCE with logits (ignored slots left out) + on present slots ``box_weight`` x L1
-  + ``giou_weight`` x (1 - generalised IoU) + ``measure_weight`` x the per-frame measurement's
-  loss on objects at least half visible (``measurement_loss``).
+- Loss, head "cells": ``cell_loss`` (presence BCE of the decoded cell, a Gaussian cross-entropy
+  over the cells, the centre cell's box). Head "tracker": presence BCE with logits (ignored slots
+  left out) + on present slots ``box_weight`` x L1 + ``giou_weight`` x (1 - generalised IoU) +
+  ``measure_weight`` x the per-frame measurement's loss on objects at least half visible
+  (``measurement_loss``).
 - Metrics: per-frame, per-class precision, recall and F1 at box IoU >= 0.5, on all frames and
   separately where the object is ``visible`` (uncovered), ``occluded`` (partly covered) and
   ``hidden`` (fully covered); the exported checkpoint is the best ``val_f1``.
@@ -211,6 +214,48 @@ def measurement_loss(measured: "torch.Tensor", targets: "torch.Tensor", heat: "t
         cell = ((truth[..., 1] * g_h).long().clamp(0, g_h - 1) * g_w + (truth[..., 0] * g_w).long().clamp(0, g_w - 1))  # (B, T, K)
         ce = F.cross_entropy(heat.float().flatten(-2).flatten(0, -2), cell.flatten(), reduction="none").reshape(cell.shape)
         loss = loss + (ce * shows).sum() / shows.sum().clamp(min=1) * 0.5
+    return loss
+
+
+def cell_loss(cells: "torch.Tensor", targets: "torch.Tensor", box_weight: float, giou_weight: float, sigma: float = 0.5) -> "torch.Tensor":
+    """Loss of the per-cell head (``head="cells"``): whether (per class), where (over the cells) and the box (of the centre cell).
+
+    - whether: BCE of the decoded presence logit (the highest cell's) against ``present``, over
+      non-ignored slots (a hidden object is present): the score the metric thresholds, trained as such;
+    - where: on present slots, the cross-entropy of the softmax over the cells against a Gaussian
+      of radius ``sigma`` cells around the object's centre (normalised; an object on a cell edge
+      is shared by its neighbours);
+    - box: ``box_weight`` x L1 + ``giou_weight`` x (1 - GIoU) of the box the true centre cell predicts, over present slots.
+
+    Args:
+        cells: (B, T, K, 5, g, g) raw per-cell outputs (``rnnimg.models.objects.CellObjectCRNN``); targets: (B, T, K, 7).
+    """
+    import torch
+    import torch.nn.functional as F
+
+    from rnnimg.models.objects import cell_boxes
+
+    cells, targets = cells.float(), targets.float()
+    g_h, g_w = cells.shape[-2:]
+    present, counted = targets[..., PRESENT], 1.0 - targets[..., IGNORE]  # (B, T, K)
+    logits = cells[..., 0, :, :].flatten(-2)  # (B, T, K, g, g) -> (B, T, K, g*g)
+    bce = F.binary_cross_entropy_with_logits(logits.max(-1).values, present, reduction="none")  # (B, T, K)
+    loss = (bce * counted).sum() / counted.sum().clamp(min=1.0)
+    truth = centre_size(targets[..., BOX])  # (B, T, K, 4) centre x, y, width, height
+    ys = torch.arange(g_h, device=cells.device, dtype=cells.dtype)[:, None] + 0.5
+    xs = torch.arange(g_w, device=cells.device, dtype=cells.dtype) + 0.5
+    d2 = (xs - truth[..., 0, None, None] * g_w) ** 2 + (ys - truth[..., 1, None, None] * g_h) ** 2  # (B, T, K, g, g), in cells^2
+    where = (-d2 / (2 * sigma**2)).flatten(-2).softmax(-1)  # (B, T, K, g*g): the Gaussian, normalised over the cells
+    n = present.sum().clamp(min=1.0)
+    loss = loss + (-(where * logits.log_softmax(-1)).sum(-1) * present).sum() / n
+    col = (truth[..., 0] * g_w).long().clamp(0, g_w - 1)  # (B, T, K)
+    row = (truth[..., 1] * g_h).long().clamp(0, g_h - 1)
+    boxes = cell_boxes(cells).flatten(-2)  # (B, T, K, 4, g*g)
+    box = boxes.gather(-1, (row * g_w + col)[..., None, None].expand(*row.shape, 4, 1))[..., 0]  # (B, T, K, 4) at the true cell
+    if box_weight:
+        loss = loss + box_weight * ((box - targets[..., BOX]).abs().sum(-1) * present).sum() / n
+    if giou_weight:
+        loss = loss + giou_weight * ((1.0 - generalized_iou(box, targets[..., BOX])) * present).sum() / n
     return loss
 
 
@@ -492,7 +537,7 @@ def write_report(model_uri: str, evaluation: dict, history: list, best_metrics: 
 
 class ObjectsTask(Task):
     name = "objects"
-    description = "per frame and class, presence and box, also through occlusion (CRNN on a grid -> LSTM/GRU)"
+    description = "per frame and class, presence and box, also through occlusion (CNN grid -> ConvLSTM per cell, or LSTM + tracker)"
     selection_metric = "val_f1"
     selection_mode = "max"
 
@@ -528,9 +573,9 @@ class ObjectsTask(Task):
         return tuple(config.labels)
 
     def build_model(self, config: "ObjectsConfig"):
-        from rnnimg.models.objects import ObjectCRNN
+        from rnnimg.models.objects import build_model
 
-        return ObjectCRNN(config)
+        return build_model(config)
 
     def check_training(self, manifest_uri: str, config: "ObjectsConfig") -> None:
         self.model_config(manifest_uri)
@@ -569,6 +614,8 @@ class ObjectsTask(Task):
         return np.zeros((config.frames_per_clip, config.num_classes, 7), np.float32)
 
     def loss(self, outputs, targets, config: "ObjectsConfig"):
+        if config.head == "cells":
+            return cell_loss(outputs.cells, targets, config.box_weight, config.giou_weight, config.presence_sigma)
         return loss_fn(outputs.detections, targets, config.box_weight, config.giou_weight, outputs.measured, config.measure_weight, outputs.heat)
 
     def batch_stats(self, outputs, targets, config: "ObjectsConfig", loss=None) -> dict:
