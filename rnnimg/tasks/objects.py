@@ -478,6 +478,15 @@ def _fmt(value) -> str:
     return "n/a" if value is None or (isinstance(value, float) and np.isnan(value)) else f"{value:.3f}"
 
 
+def _recurrent_layer(config: "ObjectsConfig") -> str:
+    """The report's name for the model's recurrent layer."""
+    if not config.temporal:
+        return "none (per-frame ablation)"
+    if config.head == "cells":
+        return f"Conv{config.rnn_type.upper()} per cell ({config.cell_hidden} channels, {config.cell_kernel}x{config.cell_kernel})"
+    return f"{config.rnn_type.upper()} ({config.rnn_impl})"
+
+
 def write_report(model_uri: str, evaluation: dict, history: list, best_metrics: dict, config: "ObjectsConfig", model_id: str,
                  val_rows: list | None = None):
     """Write report.md (F1 at IoU >= 0.5 by truth category, per epoch) and the overlay and timeline PNGs.
@@ -497,7 +506,7 @@ def write_report(model_uri: str, evaluation: dict, history: list, best_metrics: 
         f"Validation split at the selected epoch {best_metrics.get('epoch')} (of {len(history)} trained, chosen by validation F1, "
         f"so slightly optimistic). Per frame and class, a detection is right at box IoU >= {IOU_THRESHOLD}.",
         "",
-        f"Recurrent layer: {config.rnn_type.upper() + ' (' + config.rnn_impl + ')' if config.temporal else 'none (per-frame ablation)'}, "
+        f"Head {config.head}; recurrent layer: {_recurrent_layer(config)}, "
         f"{config.frames_per_clip} frames per {config.clip_seconds:g} s clip, {config.frame_size}x{config.frame_size}, "
         f"classes {', '.join(config.labels)}.",
         "",
