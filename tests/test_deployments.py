@@ -38,9 +38,19 @@ from rnnimg.store_lock import LockHeld  # noqa: E402
 
 
 def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return _free_ports(1)[0]
+
+
+def _free_ports(n: int) -> list[int]:
+    """``n`` distinct free ports: each socket stays bound until all are chosen, so no two picks can be the same."""
+    sockets = [socket.socket() for _ in range(n)]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
 
 
 # ----------------------------------------------------------------------------- parameters
@@ -172,7 +182,8 @@ class Stack:
         self.store = os.path.join(root, "store")
         self.logs = os.path.join(root, "logs")
         os.makedirs(self.logs)
-        self.api_port, self.gcs_port = _free_port(), _free_port()
+        # Every port of the stack picked at once: distinct from each other (Ray refuses a port given twice).
+        self.api_port, self.gcs_port, *self.ray_ports = _free_ports(9)
         self.api_url = f"http://127.0.0.1:{self.api_port}/api"
         # Unix socket paths must stay short: the Ray head's own folder under /tmp.
         self.ray_tmp = tempfile.mkdtemp(prefix="rnnimg-ray-", dir="/tmp")
@@ -205,9 +216,9 @@ class Stack:
     def start(self) -> None:
         self.server = self.spawn("server", [f"{BIN}/prefect", "server", "start", "--host", "127.0.0.1", "--port", str(self.api_port)])
         ray_ports = ["--port", str(self.gcs_port)]
-        for flag in ("node-manager-port", "object-manager-port", "ray-client-server-port", "dashboard-agent-listen-port",
-                     "dashboard-agent-grpc-port", "runtime-env-agent-port", "metrics-export-port"):
-            ray_ports += [f"--{flag}", str(_free_port())]
+        for flag, port in zip(("node-manager-port", "object-manager-port", "ray-client-server-port", "dashboard-agent-listen-port",
+                               "dashboard-agent-grpc-port", "runtime-env-agent-port", "metrics-export-port"), self.ray_ports, strict=True):
+            ray_ports += [f"--{flag}", str(port)]
         # --block: the head's processes live and die with this one process, which the test stops by pid.
         self.ray = self.spawn("ray", [f"{BIN}/ray", "start", "--head", "--block", "--num-cpus", "2", "--include-dashboard=false",
                                       "--node-ip-address", "127.0.0.1", "--temp-dir", self.ray_tmp,
