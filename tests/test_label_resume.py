@@ -83,8 +83,10 @@ def test_driver_killed_at_several_points_then_rerun_gives_exactly_the_reference(
     out = str(tmp_path / "labels")
     shards = 12  # 24 videos, 2 per shard
     # Kill points: as soon as the run has its identity (no shard yet), after the first commit, after a few.
+    # One clip per model call spreads the commits out, so that a kill lands between them (batches change
+    # no row: test_label's replicas-and-small-batches test); a whole run's commits can come in one burst.
     for point in (lambda: os.path.exists(os.path.join(out, "_run", "manifest.parquet")), lambda: commits(out) >= 1, lambda: commits(out) >= 3):
-        process = start_cli(archive, untrained_model, out, tmp_path)
+        process = start_cli(archive, untrained_model, out, tmp_path, "--batch-size", "1")
         reached = wait_for(point, timeout=120, process=process)
         kill_group(process)
         assert reached, "the run ended or stalled before the kill point"
