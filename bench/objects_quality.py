@@ -3,19 +3,22 @@
 Trains, with the plain loop (``train_one_epoch`` / ``evaluate``, no Ray), on one synthetic
 archive (``rnnimg.tasks.objects_synth``: objects of 3 classes moving behind bars over clutter):
 
-- ``temporal``:  the object CRNN with its LSTM (``rnnimg.nn``, the reference cells) and tracker;
-- ``per_frame``: ``temporal=False``, a per-frame layer in the LSTM's place (no information
-                 crosses frames): the ablation;
+- ``temporal``:  the object CRNN with its recurrent layer (``ObjectsConfig``'s default: a ConvLSTM per
+                 cell of ``rnnimg.nn``; ``--head tracker``: pooled features, LSTM and tracker);
+- ``per_frame``: ``temporal=False``, a per-frame layer in the recurrent one's place (no information
+                 crosses frames): the ablation, with the same config and budget otherwise;
 
 and prints, on the test split, per-frame per-class F1 at box IoU >= 0.5 on all frames and on
 frames where the object is visible (uncovered), occluded (partly covered) and hidden (fully
-covered). Targets: temporal >= 0.9 on visible frames and >= 0.7 on hidden ones; per_frame
-<= 0.2 on hidden ones. The two trainings run at the same time, one process and one core each
-(``--workers 1``: one after the other). ``--head cells`` compares the per-cell design
-(ConvLSTM per cell, a box per cell) instead of the tracker head.
+covered), and what became of the present objects (``rnnimg.tasks.objects.miss_counts``: found,
+score below the threshold, box centred inside the truth but IoU < 0.5, centred elsewhere).
+Targets: temporal >= 0.9 on visible frames and >= 0.7 on hidden ones; per_frame <= 0.2 on
+hidden ones. The two trainings run at the same time, one process and one core each
+(``--workers 1``: one after the other). The checkpoint scored on test is the epoch of the best
+val F1; test is scored once, after training.
 
     .venv/bin/python bench/objects_quality.py                          # 30 epochs: 862 s on a shared 2-core EPYC
-    .venv/bin/python bench/objects_quality.py --head cells --workers 1 --archive /tmp/a800
+    .venv/bin/python bench/objects_quality.py --head cells --workers 1 --epochs 50 --archive /tmp/a800   # run 4 of RESULTS_objects.md
     .venv/bin/python bench/objects_quality.py --videos 40 --epochs 1   # a smoke run
 """
 
@@ -82,9 +85,26 @@ def fit_and_score(manifest: str, variant: str, epochs: int, clips_per_video: int
     model.load_state_dict(best_state)
     rng = np.random.default_rng(1)
     test = task.summarize(evaluate(model, iter_batches(iter_clips(test_rows, task, config, train=False, rng=rng), 16), "cpu", task, config))
-    return {"variant": variant, "test": test, "train_s": train_s, "history": history, "best_epoch": best_epoch, "epochs_run": len(history),
+    misses = miss_breakdown(model, test_rows, task, config)
+    return {"variant": variant, "test": test, "misses": misses, "train_s": train_s, "history": history, "best_epoch": best_epoch, "epochs_run": len(history),
             "train_videos": len(train_rows), "val_videos": len(val_rows), "test_videos": len(test_rows),
             "parameters": sum(p.numel() for p in model.parameters()), "config": task.config_to_dict(config)}
+
+
+def miss_breakdown(model, rows, task, config) -> list[list[int]]:
+    """Present class-frames of ``rows`` by what became of them (``rnnimg.tasks.objects.miss_counts``):
+    rows visible, occluded, hidden; columns found, low_score, near, far."""
+    import torch
+
+    from rnnimg.tasks.objects import miss_counts
+    from rnnimg.train.data import iter_batches, iter_clips
+
+    total = torch.zeros(3, 4, dtype=torch.int64)
+    model.eval()
+    with torch.inference_mode():
+        for clips, targets in iter_batches(iter_clips(rows, task, config, train=False, rng=np.random.default_rng(1)), 16):
+            total += miss_counts(model(torch.as_tensor(clips)).detections, torch.as_tensor(targets), config.score_threshold)
+    return total.tolist()
 
 
 def main(argv=None) -> int:
@@ -139,6 +159,13 @@ def main(argv=None) -> int:
               f"{t['precision_hidden']:.3f} | {t['recall_hidden']:.3f} | {r['epochs_run']} | {r['best_epoch']} | {r['train_s']:.0f} |")
     print("objects in the test split (class-frames): " + ", ".join(f"{c} {first['test']['objects' + ('' if c == 'all' else '_' + c)]}"
                                                                    for c in CATEGORIES))
+    print("\nPresent class-frames by what became of them (share of the category): found (IoU >= 0.5), score below the threshold, "
+          "box centred inside the truth but IoU < 0.5, centred outside it\n")
+    print("| model | frames | found | low score | near | far |\n|---|---|---|---|---|---|")
+    for name, r in results.items():
+        for category, counts in zip(CATEGORIES[1:], r["misses"]):
+            n = max(sum(counts), 1)
+            print(f"| {name} | {category} | " + " | ".join(f"{c} ({c / n:.3f})" for c in counts) + " |")
     print("\n| model | frames | val F1 by epoch |\n|---|---|---|")
     for name, r in results.items():
         for c in ("visible", "hidden"):

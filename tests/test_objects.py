@@ -266,6 +266,24 @@ def test_detection_counts_and_f1_at_iou_half_on_hand_made_frames():
     assert np.isnan(nothing["f1_hidden"]) and np.isnan(nothing["f1"])
 
 
+def test_miss_counts_say_why_a_present_object_is_missed():
+    from rnnimg.tasks.objects import MISS_KINDS, miss_counts
+
+    truth = (0.2, 0.2, 0.6, 0.6)
+    targets = torch.tensor([[_slot(1, truth, visible=v) for v in (1.0, 0.0, 0.0, 0.0, 0.0, 0.5)] + [_slot(0)]])  # (1, 7, 7)
+    outputs = torch.tensor([[_out(3.0),  # visible, found
+                           _out(3.0, (0.25, 0.2, 0.65, 0.6)),  # hidden, found (IoU 0.8)
+                           _out(-3.0),  # hidden, right box but not reported
+                           _out(3.0, (0.35, 0.35, 0.45, 0.45)),  # hidden, centre inside the box, far too small
+                           _out(3.0, (0.6, 0.6, 0.9, 0.9)),  # hidden, elsewhere
+                           _out(3.0, (0.6, 0.6, 0.9, 0.9)),  # occluded, elsewhere
+                           _out(3.0)]])  # absent: counts nowhere
+    counts = miss_counts(outputs, targets)
+    assert counts.shape == (3, len(MISS_KINDS))
+    assert counts.tolist() == [[1, 0, 0, 0], [0, 0, 0, 1], [1, 1, 1, 1]]
+    assert int(counts[:, 0].sum()) == int(detection_counts(outputs, targets)["tp"][1:].sum())  # found: the true positives
+
+
 def test_summarize_sums_batches_into_epoch_metrics():
     config = ObjectsConfig(**TRACKER)
     targets = torch.tensor([[[_slot(1), _slot(0), _slot(1, visible=0.0)]]])  # (1, 1, 3, 7)
@@ -435,6 +453,35 @@ def test_cell_loss_is_lowest_where_the_map_matches_the_truth():
     assert float(cell_loss(claimed, ignored, 5.0, 2.0)) == pytest.approx(float(cell_loss(cells, ignored, 5.0, 2.0)))
 
 
+def test_hidden_weight_scales_the_hidden_slots_share_of_the_loss():
+    from rnnimg.tasks.objects import cell_loss
+
+    cells = _hand_made_cells()[None]  # (1, 1, 2, 5, 4, 4)
+    targets = torch.zeros(1, 2, 2, 7)  # frame 0: class 0 visible where its peak is; frame 1: class 0 hidden elsewhere
+    targets[0, :, 0, 0] = 1
+    targets[0, 0, 0, 2:6] = torch.tensor([0.0625, 0.5, 0.5625, 0.75])
+    targets[0, 0, 0, 6] = 1.0
+    targets[0, 1, 0, 2:6] = torch.tensor([0.5625, 0.0, 1.0, 0.25])
+    both = torch.cat([cells, cells], dim=1)  # the same outputs in both frames: right in frame 0, wrong in frame 1
+    visible_only = targets.clone()
+    visible_only[0, 1, 0, 6] = 1.0  # the same slot, but visible: the plain loss does not tell them apart
+    plain = float(cell_loss(both, targets, 5.0, 2.0))
+    assert float(cell_loss(both, targets, 5.0, 2.0, hidden_weight=1.0)) == pytest.approx(plain)
+    assert float(cell_loss(both, visible_only, 5.0, 2.0, hidden_weight=3.0)) == pytest.approx(plain)  # no hidden slot: no change
+    # The wrong (hidden) frame weighs more: the loss rises towards the hidden frame's own loss, not beyond it.
+    hidden_alone = float(cell_loss(both[:, 1:], targets[:, 1:], 5.0, 2.0))
+    weighted = [float(cell_loss(both, targets, 5.0, 2.0, hidden_weight=w)) for w in (1.0, 3.0, 100.0)]
+    assert weighted[0] < weighted[1] < weighted[2] < hidden_alone
+    assert weighted[2] == pytest.approx(hidden_alone, rel=0.05)
+    # And its gradient: only through the hidden frame's cells, the weight scales it against the visible frame's.
+    grads = []
+    for w in (1.0, 3.0):
+        x = both.clone().requires_grad_(True)
+        cell_loss(x, targets, 5.0, 2.0, hidden_weight=w).backward()
+        grads.append(x.grad[0, 1].abs().sum() / x.grad[0, 0].abs().sum())
+    assert float(grads[1]) > 2.0 * float(grads[0])
+
+
 def test_cells_ablation_passes_no_gradient_across_frames():
     x = torch.randn(1, 4, 3, 32, 32, requires_grad=True)
     for temporal in (False, True):
@@ -470,6 +517,14 @@ def test_old_configs_load_with_the_tracker_head_and_new_fields_round_trip():
     cells = ObjectsConfig(**{**TINY, "cnn_channels": (4, 8)}, head="cells", cell_hidden=6)
     back = task().config_from_dict(json.loads(cells.to_json()))
     assert back == cells and isinstance(task().build_model(back), CellObjectCRNN)
+    from rnnimg.models.objects import CELLS_FIELDS, SAVED_BEFORE_HIDDEN_WEIGHT
+
+    before_weight = {k: v for k, v in asdict(ObjectsConfig(**TINY, hidden_weight=4.0)).items() if k in CELLS_FIELDS}  # saved before hidden_weight
+    assert task().config_from_dict(json.loads(json.dumps(before_weight))).hidden_weight == SAVED_BEFORE_HIDDEN_WEIGHT["hidden_weight"] == 1.0
+    assert task().config_from_dict(old).hidden_weight == 1.0  # the tracker's configs too: the loss they were trained with
+    assert task().config_from_dict({"temporal": False}).hidden_weight == ObjectsConfig().hidden_weight  # overrides: today's default
+    with pytest.raises(ValueError, match="hidden_weight must be > 0"):
+        ObjectsConfig(hidden_weight=0.0)
     with pytest.raises(ValueError, match="head must be one of"):
         ObjectsConfig(head="anchors")
     with pytest.raises(ValueError, match="cell_kernel odd"):

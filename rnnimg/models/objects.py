@@ -14,7 +14,9 @@ no tracker; the recurrence runs per cell of the map and every cell predicts, Cen
 
 A hidden object lives in the state of the cells it was last seen in; the k x k recurrent kernel
 moves it from cell to cell as the object moves behind the occluder. The box comes from the cell
-that holds the object, not from pooled features: that is what lifted visible F1 (run 3).
+that holds the object, not from pooled features: that is what lifted visible F1 (run 3). The loss
+(``rnnimg.tasks.objects.cell_loss``) weighs the hidden class-frames ``hidden_weight`` times (run 4):
+what goes wrong there is the position drifting while the object is hidden, not its score or size.
 
 ``head="tracker"`` (``ObjectCRNN``, every model saved before ``head`` existed):
 
@@ -67,7 +69,12 @@ HEADS = ("cells", "tracker")
 FIRST_FIELDS = frozenset({"labels", "frame_size", "frames_per_clip", "clip_seconds", "stride_seconds", "cnn_channels", "grid",
                           "feature_dim", "rnn_type", "rnn_impl", "rnn_hidden", "rnn_layers", "dropout", "temporal", "min_inside",
                           "box_weight", "giou_weight", "measure_weight", "score_threshold"})
-SAVED_BEFORE = {"head": "tracker", "cell_hidden": 32, "cell_kernel": 3, "presence_sigma": 0.5}
+SAVED_BEFORE = {"head": "tracker", "cell_hidden": 32, "cell_kernel": 3, "presence_sigma": 0.5, "hidden_weight": 1.0}
+# Fields of the configs saved with the cells head before ``hidden_weight`` existed, and what the fields added since meant then.
+CELLS_FIELDS = FIRST_FIELDS | {"head", "cell_hidden", "cell_kernel", "presence_sigma"}
+SAVED_BEFORE_HIDDEN_WEIGHT = {"hidden_weight": 1.0}
+# Oldest first: a saved config that has every field of a generation gets, for each field it lacks, the value of that time.
+SAVED_LAYOUTS = ((FIRST_FIELDS, SAVED_BEFORE), (CELLS_FIELDS, SAVED_BEFORE_HIDDEN_WEIGHT))
 # The cells' presence bias starts at logit(0.5) = 0: the decoded score (the highest of the g*g cells) then
 # starts near the share of present class-frames (about one half in the synthetic data), and an untrained
 # model reports some classes at the default threshold (what a first report shows).
@@ -113,6 +120,7 @@ class ObjectsConfig(JsonConfig):
     cell_hidden: int = 32  # head "cells": channels of the per-cell recurrent state (or of the ablation's conv)
     cell_kernel: int = 3  # head "cells": odd kernel of the ConvLSTM's gates (how far state moves per step: k // 2 cells)
     presence_sigma: float = 0.5  # head "cells": Gaussian radius (cells) of the target over the cells around the object's centre
+    hidden_weight: float = 3.0  # head "cells": weight of a fully hidden object's class-frame in each loss term (1: as a visible one)
 
     def __post_init__(self) -> None:
         if len(self.labels) < 1 or len(set(self.labels)) != len(self.labels):
@@ -146,17 +154,22 @@ class ObjectsConfig(JsonConfig):
             raise ValueError(f"cell_hidden must be >= 1 and cell_kernel odd and >= 1, got {self.cell_hidden}, {self.cell_kernel}")
         if not self.presence_sigma > 0:
             raise ValueError(f"presence_sigma must be > 0, got {self.presence_sigma}")
+        if not self.hidden_weight > 0:
+            raise ValueError(f"hidden_weight must be > 0, got {self.hidden_weight}")
 
     @classmethod
     def from_dict(cls, data: dict) -> "ObjectsConfig":
         """Build from a dict (config.json); a config saved before ``head`` existed (it has every one
-        of ``FIRST_FIELDS``) gets the old layout for the fields added since (``SAVED_BEFORE``).
+        of ``FIRST_FIELDS``) gets the old layout for the fields added since (``SAVED_BEFORE``), one
+        saved before ``hidden_weight`` (every one of ``CELLS_FIELDS``) the old loss (``SAVED_BEFORE_HIDDEN_WEIGHT``).
+        A partial dict (overrides) gets today's defaults.
 
         Raises:
             ValueError: an unknown key, or a value the checks refuse.
         """
-        if FIRST_FIELDS <= set(data):
-            data = {**{k: v for k, v in SAVED_BEFORE.items() if k not in data}, **data}
+        for saved_fields, added_since in SAVED_LAYOUTS:
+            if saved_fields <= set(data):
+                data = {**{k: v for k, v in added_since.items() if k not in data}, **data}
         return super().from_dict(data)
 
     @property

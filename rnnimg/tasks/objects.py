@@ -17,13 +17,15 @@ CNN on a grid -> ConvLSTM per cell (or LSTM/GRU) -> per class, a presence score 
   ignored (neither to find nor a false positive). Augmentation: flips of frames and boxes alike,
   colour channels permuted.
 - Loss, head "cells": ``cell_loss`` (presence BCE of the decoded cell, a Gaussian cross-entropy
-  over the cells, the centre cell's box). Head "tracker": presence BCE with logits (ignored slots
-  left out) + on present slots ``box_weight`` x L1 + ``giou_weight`` x (1 - generalised IoU) +
-  ``measure_weight`` x the per-frame measurement's loss on objects at least half visible
-  (``measurement_loss``).
+  over the cells, the centre cell's box), a fully hidden object's class-frame weighing
+  ``hidden_weight`` (3) in each term: the truth is known while it is hidden. Head "tracker":
+  presence BCE with logits (ignored slots left out) + on present slots ``box_weight`` x L1 +
+  ``giou_weight`` x (1 - generalised IoU) + ``measure_weight`` x the per-frame measurement's
+  loss on objects at least half visible (``measurement_loss``).
 - Metrics: per-frame, per-class precision, recall and F1 at box IoU >= 0.5, on all frames and
   separately where the object is ``visible`` (uncovered), ``occluded`` (partly covered) and
-  ``hidden`` (fully covered); the exported checkpoint is the best ``val_f1``.
+  ``hidden`` (fully covered); the exported checkpoint is the best ``val_f1``. ``miss_counts``
+  says why present objects are missed (score too low, box near but IoU < 0.5, box elsewhere).
 - Label job: ``objects`` per clip (JSON of the detections of each sampled frame); tables
   ``objects`` (one row per detection) and ``tracks`` (per video and class: first and last time
   seen, frames, seconds seen, mean score) (``rnnimg.tables.OBJECTS``, ``rnnimg.tables.TRACKS``).
@@ -217,7 +219,8 @@ def measurement_loss(measured: "torch.Tensor", targets: "torch.Tensor", heat: "t
     return loss
 
 
-def cell_loss(cells: "torch.Tensor", targets: "torch.Tensor", box_weight: float, giou_weight: float, sigma: float = 0.5) -> "torch.Tensor":
+def cell_loss(cells: "torch.Tensor", targets: "torch.Tensor", box_weight: float, giou_weight: float, sigma: float = 0.5,
+              hidden_weight: float = 1.0) -> "torch.Tensor":
     """Loss of the per-cell head (``head="cells"``): whether (per class), where (over the cells) and the box (of the centre cell).
 
     - whether: BCE of the decoded presence logit (the highest cell's) against ``present``, over
@@ -226,6 +229,10 @@ def cell_loss(cells: "torch.Tensor", targets: "torch.Tensor", box_weight: float,
       of radius ``sigma`` cells around the object's centre (normalised; an object on a cell edge
       is shared by its neighbours);
     - box: ``box_weight`` x L1 + ``giou_weight`` x (1 - GIoU) of the box the true centre cell predicts, over present slots.
+
+    Each term is a weighted mean over its slots: a fully hidden object's slot weighs ``hidden_weight``,
+    every other slot 1 (1: the plain means). The hidden slots are the few (about a sixth of the present
+    ones) where only the recurrent state knows the answer; the weight gives them more of the gradient.
 
     Args:
         cells: (B, T, K, 5, g, g) raw per-cell outputs (``rnnimg.models.objects.CellObjectCRNN``); targets: (B, T, K, 7).
@@ -238,8 +245,11 @@ def cell_loss(cells: "torch.Tensor", targets: "torch.Tensor", box_weight: float,
     cells, targets = cells.float(), targets.float()
     g_h, g_w = cells.shape[-2:]
     present, counted = targets[..., PRESENT], 1.0 - targets[..., IGNORE]  # (B, T, K)
+    hidden = (present > 0) & (targets[..., VISIBLE] <= 0)
+    weight = 1.0 + (hidden_weight - 1.0) * hidden.float()  # (B, T, K)
+    counted, present = counted * weight, present * weight  # (weighted masks; ``present`` is 0 or the slot's weight)
     logits = cells[..., 0, :, :].flatten(-2)  # (B, T, K, g, g) -> (B, T, K, g*g)
-    bce = F.binary_cross_entropy_with_logits(logits.max(-1).values, present, reduction="none")  # (B, T, K)
+    bce = F.binary_cross_entropy_with_logits(logits.max(-1).values, targets[..., PRESENT], reduction="none")  # (B, T, K)
     loss = (bce * counted).sum() / counted.sum().clamp(min=1.0)
     truth = centre_size(targets[..., BOX])  # (B, T, K, 4) centre x, y, width, height
     ys = torch.arange(g_h, device=cells.device, dtype=cells.dtype)[:, None] + 0.5
@@ -297,6 +307,36 @@ def detection_counts(outputs: "torch.Tensor", targets: "torch.Tensor", score_thr
     fn = present & ~(detected & hit)
     stack = lambda x: torch.stack([(x & masks[c]).sum() for c in CATEGORIES])  # noqa: E731 - (4,) per category
     return {"tp": stack(tp), "fp": stack(fp), "fn": stack(fn), "objects": stack(present)}
+
+
+# Why a present object is or is not found (``miss_counts``), one column each.
+MISS_KINDS = ("found", "low_score", "near", "far")
+
+
+def miss_counts(outputs: "torch.Tensor", targets: "torch.Tensor", score_threshold: float = 0.5) -> "torch.Tensor":
+    """Present class-frames by what became of them, int64 (3, 4): rows visible, occluded, hidden
+    (``CATEGORIES[1:]``), columns ``MISS_KINDS``:
+
+    - ``found``: detected (probability >= ``score_threshold``) and box IoU >= 0.5 (a true positive);
+    - ``low_score``: probability below the threshold (whatever the box);
+    - ``near``: detected, the box's centre inside the true box, IoU < 0.5 (a size or a small position error);
+    - ``far``: detected, the centre outside the true box (the object looked for in the wrong place).
+
+    Args:
+        outputs: (..., K, 5) presence logit and box; targets: (..., K, 7) (``truth_at``).
+    """
+    import torch
+
+    outputs, targets = outputs.float(), targets.float()
+    detected = outputs[..., 0].sigmoid() >= score_threshold
+    present, visible = targets[..., PRESENT] > 0, targets[..., VISIBLE]
+    hit = box_iou(outputs[..., 1:], targets[..., BOX]) >= IOU_THRESHOLD
+    centre, truth = centre_size(outputs[..., 1:]), targets[..., BOX]
+    inside = ((centre[..., 0] >= truth[..., 0]) & (centre[..., 0] <= truth[..., 2]) & (centre[..., 1] >= truth[..., 1])
+              & (centre[..., 1] <= truth[..., 3]))
+    kinds = (detected & hit, ~detected, detected & ~hit & inside, detected & ~hit & ~inside)
+    rows = (present & (visible >= 1.0 - 1e-6), present & (visible > 0) & (visible < 1.0 - 1e-6), present & (visible <= 0))
+    return torch.stack([torch.stack([(kind & row).sum() for kind in kinds]) for row in rows])
 
 
 def f1_scores(tp: int, fp: int, fn: int) -> tuple[float, float, float]:
@@ -624,7 +664,7 @@ class ObjectsTask(Task):
 
     def loss(self, outputs, targets, config: "ObjectsConfig"):
         if config.head == "cells":
-            return cell_loss(outputs.cells, targets, config.box_weight, config.giou_weight, config.presence_sigma)
+            return cell_loss(outputs.cells, targets, config.box_weight, config.giou_weight, config.presence_sigma, config.hidden_weight)
         return loss_fn(outputs.detections, targets, config.box_weight, config.giou_weight, outputs.measured, config.measure_weight, outputs.heat)
 
     def batch_stats(self, outputs, targets, config: "ObjectsConfig", loss=None) -> dict:
