@@ -88,7 +88,7 @@ def fit_forecaster(config, minutes: float, batch_size: int, lr: float, seed: int
         cosine_lr(optimizer, lr, elapsed / (minutes * 60))
         clips, labels = random_batch(rng, batch_size, config.frames_per_clip)
         outputs = model(to_model_input(clips), labels if conditioned else None)
-        loss = loss_fn(outputs, config.context_frames)
+        loss = loss_fn(outputs, config.context_frames, config.loss)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
@@ -116,6 +116,27 @@ def test_archive(out: str, count: int) -> str:
     return manifest
 
 
+def constant_velocity(config):
+    """The forecaster's kernel prior alone (``constant_velocity_prior``, no learned part): every region keeps
+    the motion of the last context frame pair. A baseline that shows what the recurrent layers add."""
+    import torch
+
+    from rnnimg.models.forecaster import EPS, Forecast, apply_filters, constant_velocity_prior, to_grey
+
+    class ConstantVelocity(torch.nn.Module):
+        def forward(self, clips):
+            grey = to_grey(clips)
+            k = config.context_frames
+            prior = constant_velocity_prior(grey[:, k - 2 : k], config.filter_size, 2 ** len(config.channels), config.future_frames)
+            frame, frames = grey[:, k - 1], []
+            for step in range(config.future_frames):
+                frame = apply_filters(frame, prior[:, step], config.filter_size)
+                frames.append(frame)
+            return Forecast(torch.logit(torch.stack(frames, 1).clamp(EPS, 1 - EPS)), grey)
+
+    return ConstantVelocity()
+
+
 def part_nextframe(args) -> None:
     import torch
 
@@ -129,7 +150,7 @@ def part_nextframe(args) -> None:
     started = time.perf_counter()
     manifest = test_archive(args.out, args.test)
     emit({"progress": "test archive", "sequences": args.test, "minutes": round((time.perf_counter() - started) / 60, 2)})
-    config = ForecasterConfig(hidden=args.hidden, channels=tuple(args.channels), layers=args.layers)
+    config = ForecasterConfig(hidden=args.hidden, channels=tuple(args.channels), layers=args.layers, loss=args.loss)
     fit = fit_forecaster(config, args.minutes, args.batch_size, args.lr, seed=0, conditioned=False)
     model = fit["model"]
     rows = task.training_rows(manifest, "test", config)
@@ -138,6 +159,11 @@ def part_nextframe(args) -> None:
     clips = iter_clips(rows, task, config, train=False, rng=np.random.default_rng(0))
     stats = evaluate(model, iter_batches(clips, 32), "cpu", task, config)
     summary = task.summarize(stats)
+    velocity = {}
+    if config.output == "filters" and config.motion_input:
+        clips = iter_clips(rows, task, config, train=False, rng=np.random.default_rng(0))
+        baseline = task.summarize(evaluate(constant_velocity(config), iter_batches(clips, 32), "cpu", task, config))
+        velocity = {"constant_velocity_mse": baseline["mse"], "constant_velocity_ssim": baseline["ssim"]}
     model_uri = os.path.join(args.out, "nextframe_model")
     checkpoint.save(model_uri, model.state_dict(), task.name, task.config_to_dict(config), metrics={"test": summary})
     emit({"part": "nextframe", "machine": cpu_model(), "torch": torch.__version__, "threads": torch.get_num_threads(),
@@ -145,7 +171,7 @@ def part_nextframe(args) -> None:
           "train_steps": fit["steps"], "train_clips": fit["clips_seen"], "train_wall_minutes": fit["wall_minutes"],
           "test_sequences": summary["clips"], "score_minutes": round((time.perf_counter() - scored) / 60, 2),
           **{k: summary[k] for k in ("mse", "ssim", "copy_last_mse", "copy_last_ssim", "mean_frame_mse", "mean_frame_ssim",
-                                     "mse_vs_copy_last", "mse_per_step")},
+                                     "mse_vs_copy_last", "mse_per_step")}, **velocity,
           "target_mse_half_copy_last": summary["mse_vs_copy_last"] <= 0.5, "target_ssim_above_copy_last": summary["ssim"] > summary["copy_last_ssim"],
           "model": model_uri})
 
@@ -242,7 +268,7 @@ def part_conditioned(args) -> None:
     per_class = args.generated // len(MOTION_CLASSES)
     for conditioned in (True, False):
         config = ForecasterConfig(frames_per_clip=frames, context_frames=1, clip_seconds=1.0, stride_seconds=0.9, hidden=args.hidden,
-                                  channels=tuple(args.channels), layers=args.layers, labels=MOTION_CLASSES if conditioned else ())
+                                  channels=tuple(args.channels), layers=args.layers, loss=args.loss, labels=MOTION_CLASSES if conditioned else ())
         fit = fit_forecaster(config, args.minutes_cond, args.batch_size, args.lr, seed=1, conditioned=conditioned)
         model = fit["model"]
         name = "conditioned" if conditioned else "unconditioned"
@@ -294,6 +320,7 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, default=32)
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--channels", type=int, nargs="+", default=[16, 32])
+    parser.add_argument("--loss", choices=("bce", "mse"), default="bce", help="the forecasters' per-pixel loss")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     import torch

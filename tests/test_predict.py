@@ -1,6 +1,7 @@
 """Task ``predict``: moving-digits synth, the encoder-forecaster, metrics, surprise rows, training and labelling."""
 
 import os
+from dataclasses import asdict
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -8,7 +9,7 @@ import pytest
 import torch
 
 from rnnimg import tables, tasks
-from rnnimg.models.forecaster import Forecast, Forecaster, ForecasterConfig, to_grey
+from rnnimg.models.forecaster import Forecast, Forecaster, ForecasterConfig, apply_filters, constant_velocity_prior, displacement_likelihoods, to_grey
 from rnnimg.tasks.digits_synth import (GLYPH, MOTION_CLASSES, Anomaly, DigitsSynthConfig, compose, digit_glyphs, digit_pool, make_archive, plan,
                                        pool_of_split, render_glyph, render_sequence, to_rgb, trajectory)
 from rnnimg.tasks.predict import forecast_stats, frame_mse, ssim
@@ -164,9 +165,11 @@ def test_archive_decodes_to_the_rendered_frames(digits_archive):
 # ----------------------------------------------------------------------------- model
 
 
-@pytest.mark.parametrize("rnn_type,channels,layers", [("lstm", (4, 8), 2), ("gru", (4,), 1)])
-def test_model_shapes_and_gradients(rnn_type, channels, layers):
-    config = ForecasterConfig(frame_size=16, frames_per_clip=6, context_frames=4, channels=channels, rnn_type=rnn_type, hidden=4, layers=layers)
+@pytest.mark.parametrize("rnn_type,channels,layers,output", [("lstm", (4, 8), 2, "filters"), ("gru", (4,), 1, "filters"),
+                                                              ("lstm", (4, 8), 2, "pixels")])
+def test_model_shapes_and_gradients(rnn_type, channels, layers, output):
+    config = ForecasterConfig(frame_size=16, frames_per_clip=6, context_frames=4, channels=channels, rnn_type=rnn_type, hidden=4, layers=layers,
+                              output=output)
     model = task().build_model(config)
     x = torch.rand(2, 6, 3, 16, 16) - 0.5
     low = 16 // 2 ** len(channels)
@@ -177,6 +180,92 @@ def test_model_shapes_and_gradients(rnn_type, channels, layers):
     loss.backward()
     assert torch.isfinite(loss) and all(p.grad is not None for p in model.parameters())
     assert model.rollout(x[:, :4], 7).shape == (2, 7, 1, 16, 16)  # any horizon, from the context alone
+
+
+@pytest.mark.parametrize("dy,dx", [(0, 0), (2, -3), (-4, 4)])
+def test_a_one_hot_filter_moves_the_frame_by_its_offset_and_fills_with_black(dy, dx):
+    size = 9
+    frame = torch.rand(2, 1, 12, 12)
+    kernels = torch.zeros(2, size * size, 12, 12)
+    # Output pixel (y, x) takes input (y + dy, x + dx): the tap at row dy + 4, column dx + 4.
+    kernels[:, (dy + size // 2) * size + dx + size // 2] = 1.0
+    moved = apply_filters(frame, kernels, size)
+    expected = torch.zeros_like(frame)
+    ys, xs = slice(max(0, -dy), 12 - max(0, dy)), slice(max(0, -dx), 12 - max(0, dx))
+    expected[..., ys, xs] = frame[..., max(0, dy) : 12 + min(0, dy), max(0, dx) : 12 + min(0, dx)]
+    assert torch.equal(moved, expected)
+
+
+def test_displacement_likelihoods_find_the_motion_that_the_matching_filter_performs():
+    frames = torch.zeros(1, 3, 1, 64, 64)
+    for t in range(3):  # a box moving 2 px down and 3 px left per frame
+        frames[0, t, 0, 20 + 2 * t : 30 + 2 * t, 20 - 3 * t : 28 - 3 * t] = 1.0
+    likely = displacement_likelihoods(frames, 9, 4)
+    assert likely.shape == (1, 3, 81, 16, 16)
+    assert torch.allclose(likely.sum(2), torch.ones(1, 3, 16, 16))
+    assert torch.allclose(likely[:, 0], torch.full_like(likely[:, 0], 1 / 81))  # no frame before the first
+    assert torch.allclose(likely[0, 1, :, 0, 0], torch.full((81,), 1 / 81))  # a blank cell: every displacement fits
+    tap = int(likely[0, 2].mean((1, 2)).argmax())
+    assert divmod(tap, 9) == (4 - 2, 4 + 3)  # output p takes input p + (-2, +3)
+    assert float(likely[0, 2, tap].max()) > 0.99  # an edge cell is sure of it
+    kernels = torch.zeros(1, 81, 64, 64)
+    kernels[:, tap] = 1.0
+    assert torch.equal(apply_filters(frames[:, 1], kernels, 9), frames[:, 2])
+
+
+def test_filter_predictions_only_move_what_the_last_frame_shows():
+    config = ForecasterConfig(**{**TINY, "channels": (8,)})
+    assert config.output == "filters"
+    model = Forecaster(config).eval()
+    x = torch.full((2, 6, 3, 32, 32), -0.5)  # black clips ...
+    x[1, :, :, 10:16, 12:20] = torch.rand(6, 8, generator=torch.Generator().manual_seed(0)) - 0.5  # ... the second with a box that never moves
+    with torch.no_grad():
+        predicted = model.rollout(x, 5)
+    # Convex combinations of the last frame: black stays black (up to the logit's clamp), nothing brighter than white.
+    assert float(predicted[0].max()) <= 2e-4 and float(predicted.max()) <= 1.0
+    # A fresh model follows its constant-velocity prior: a box that stood still in the last two frames stays.
+    last = to_grey(x[1:, 2:3])[:, 0]  # (1, 1, 32, 32)
+    blurred = torch.nn.functional.avg_pool2d(last, 3, stride=1, padding=1)
+    assert float((predicted[1:, 0] - last).abs().mean()) < 0.5 * float((blurred - last).abs().mean())
+
+
+def test_the_constant_velocity_prior_moves_a_box_along_its_last_motion():
+    frames = torch.zeros(1, 5, 1, 64, 64)
+    for t in range(5):  # a textured box (no flat interior) moving 2 px down and 3 px left per frame
+        frames[0, t, 0, 20 + 2 * t : 32 + 2 * t, 24 - 3 * t : 36 - 3 * t] = torch.rand(12, 12, generator=torch.Generator().manual_seed(0))
+    prior = constant_velocity_prior(frames[:, :2], 9, 4, 3)
+    assert prior.shape == (1, 3, 81, 64, 64) and torch.allclose(prior.sum(2), torch.ones(1, 3, 64, 64))
+    frame = frames[:, 1]
+    for step in range(3):
+        frame = apply_filters(frame, prior[:, step], 9)
+        truth = frames[:, 2 + step]
+        # Far closer to the truth than copying the last frame, whose error grows with every step.
+        assert float((frame - truth).abs().sum()) < 0.4 * float((frames[:, 1] - truth).abs().sum()), step
+
+
+def test_a_forecaster_saved_before_the_filters_loads_as_it_was_trained():
+    saved = {k: v for k, v in asdict(ForecasterConfig()).items() if k not in ("output", "filter_size", "motion_input", "loss")}
+    assert ForecasterConfig.from_dict(saved).output == "pixels" and not ForecasterConfig.from_dict(saved).motion_input
+    assert ForecasterConfig.from_dict({**saved, "output": "filters"}).output == "filters"
+    assert ForecasterConfig.from_dict({"hidden": 8}).output == "filters"  # a new config: today's default
+    assert ForecasterConfig.from_dict(saved).loss == "bce"
+    with pytest.raises(ValueError, match="loss"):
+        ForecasterConfig(loss="l1")
+    with pytest.raises(ValueError, match="output"):
+        ForecasterConfig(output="flow")
+    with pytest.raises(ValueError, match="filter_size"):
+        ForecasterConfig(filter_size=4)
+
+
+def test_the_loss_is_the_configured_per_pixel_bce_or_mse():
+    logits = torch.randn(2, 3, 1, 8, 8)
+    frames = torch.rand(2, 5, 1, 8, 8)
+    out = Forecast(logits, frames)
+    bce = task().loss(out, None, ForecasterConfig(**{**TINY, "frames_per_clip": 5, "context_frames": 2}))
+    mse = task().loss(out, None, ForecasterConfig(**{**TINY, "frames_per_clip": 5, "context_frames": 2, "loss": "mse"}))
+    target = frames[:, 2:]
+    assert torch.allclose(bce, torch.nn.functional.binary_cross_entropy(torch.sigmoid(logits), target), atol=1e-5)
+    assert torch.allclose(mse, ((torch.sigmoid(logits) - target) ** 2).mean())
 
 
 def test_the_forecast_never_sees_the_frames_it_predicts():

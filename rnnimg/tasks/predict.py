@@ -13,7 +13,7 @@ how surprising each clip of an archive is.
 - Sample: a random clip window; the target is the clip itself (its last F frames), carried in
   the model's ``Forecast`` output; the row target is the motion class id (used only by a
   conditioned model, which the shared loop cannot feed: see ``check_training``).
-- Loss: per-pixel BCE with logits of the F future frames (grey, [0, 1]).
+- Loss: per-pixel BCE with logits, or MSE, of the F future frames (grey, [0, 1]; ``ForecasterConfig.loss``).
 - Metrics: ``mse`` (per frame, summed over the pixels, values in [0, 1], the Moving MNIST
   convention), ``ssim`` (11x11 Gaussian window, sigma 1.5), each beside two baselines on the
   same clips: ``copy_last`` (the last context frame, repeated) and ``mean_frame`` (the mean of
@@ -100,11 +100,16 @@ def forecast_stats(predicted, frames, context_frames: int) -> dict:
     return out
 
 
-def loss_fn(outputs, context_frames: int):
-    """Per-pixel BCE with logits of the predicted frames against the clip's future frames."""
+def loss_fn(outputs, context_frames: int, kind: str = "bce"):
+    """Per-pixel loss of the predicted frames against the clip's future frames: BCE with logits, or the
+    MSE of the grey values (``kind``, the model's ``ForecasterConfig.loss``)."""
+    import torch
     import torch.nn.functional as F
 
-    return F.binary_cross_entropy_with_logits(outputs.logits.float(), outputs.frames[:, context_frames:].float())
+    target = outputs.frames[:, context_frames:].float()
+    if kind == "mse":
+        return F.mse_loss(torch.sigmoid(outputs.logits.float()), target)
+    return F.binary_cross_entropy_with_logits(outputs.logits.float(), target)
 
 
 def surprise(outputs, context_frames: int):
@@ -269,13 +274,13 @@ class PredictTask(Task):
         return frames[order], target
 
     def loss(self, outputs, targets, config: "ForecasterConfig"):
-        return loss_fn(outputs, config.context_frames)
+        return loss_fn(outputs, config.context_frames, config.loss)
 
     def batch_stats(self, outputs, targets, config: "ForecasterConfig", loss=None) -> dict:
         import torch
 
         if loss is None:
-            loss = loss_fn(outputs, config.context_frames)
+            loss = loss_fn(outputs, config.context_frames, config.loss)
         n = len(outputs.frames)
         predicted = torch.sigmoid(outputs.logits.float())
         return {"loss_sum": loss.detach().double() * n, "count": torch.tensor(n, device=outputs.frames.device),
