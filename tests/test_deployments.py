@@ -183,7 +183,7 @@ class Stack:
         self.logs = os.path.join(root, "logs")
         os.makedirs(self.logs)
         # Every port of the stack picked at once: distinct from each other (Ray refuses a port given twice).
-        self.api_port, self.gcs_port, *self.ray_ports = _free_ports(9)
+        self.api_port, self.gcs_port, *self.ray_ports = _free_ports(10)
         self.api_url = f"http://127.0.0.1:{self.api_port}/api"
         # Unix socket paths must stay short: the Ray head's own folder under /tmp.
         self.ray_tmp = tempfile.mkdtemp(prefix="rnnimg-ray-", dir="/tmp")
@@ -216,8 +216,11 @@ class Stack:
     def start(self) -> None:
         self.server = self.spawn("server", [f"{BIN}/prefect", "server", "start", "--host", "127.0.0.1", "--port", str(self.api_port)])
         ray_ports = ["--port", str(self.gcs_port)]
+        # The dashboard's port too: without the dashboard Ray still binds it, and another head on this machine
+        # (the multi-node tests, a user's own) holds the default 8265.
         for flag, port in zip(("node-manager-port", "object-manager-port", "ray-client-server-port", "dashboard-agent-listen-port",
-                               "dashboard-agent-grpc-port", "runtime-env-agent-port", "metrics-export-port"), self.ray_ports, strict=True):
+                               "dashboard-agent-grpc-port", "runtime-env-agent-port", "metrics-export-port", "dashboard-port"), self.ray_ports,
+                              strict=True):
             ray_ports += [f"--{flag}", str(port)]
         # --block: the head's processes live and die with this one process, which the test stops by pid.
         self.ray = self.spawn("ray", [f"{BIN}/ray", "start", "--head", "--block", "--num-cpus", "2", "--include-dashboard=false",

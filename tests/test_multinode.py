@@ -39,6 +39,9 @@ class Cluster:
         self.root = root
         self.port = _port()
         self.address = f"127.0.0.1:{self.port}"
+        self.dashboard_port = _port()
+        while self.dashboard_port == self.port:
+            self.dashboard_port = _port()
         self.env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
         self.env.pop("RAY_ADDRESS", None)
         self.nodes: dict[str, str] = {}  # name -> temp dir
@@ -47,7 +50,10 @@ class Cluster:
         temp_dir = os.path.join(self.root, name)
         args = [RAY, "start", f"--num-cpus={cpus}", f"--temp-dir={temp_dir}", f"--resources={json.dumps({name: 1})}",
                 "--disable-usage-stats", f"--object-store-memory={200 * 1024 * 1024}"]
-        args += [f"--port={self.port}", "--include-dashboard=false", "--head"] if head else [f"--address={self.address}"]
+        # The dashboard's port as well: Ray binds it even without the dashboard, and another head on this
+        # machine (the deployment tests', a user's own) may hold the default 8265.
+        args += [f"--port={self.port}", f"--dashboard-port={self.dashboard_port}", "--include-dashboard=false", "--head"] if head else \
+            [f"--address={self.address}"]
         done = subprocess.run(args, env=self.env, capture_output=True, text=True, timeout=180)
         assert done.returncode == 0, done.stderr[-2000:]
         self.nodes[name] = temp_dir
