@@ -79,6 +79,7 @@ def wait_for(condition, timeout: float, process: subprocess.Popen | None = None)
     return False
 
 
+@pytest.mark.recovery
 def test_driver_killed_at_several_points_then_rerun_gives_exactly_the_reference(archive, untrained_model, reference, tmp_path):
     out = str(tmp_path / "labels")
     shards = 12  # 24 videos, 2 per shard
@@ -144,6 +145,7 @@ def test_worker_killed_mid_run_the_run_heals_itself(archive, untrained_model, re
         pd.testing.assert_frame_equal(got[name], reference[name])
 
 
+@pytest.mark.recovery
 def test_multi_replica_run_killed_then_rerun_gives_exactly_the_reference(archive, untrained_model, reference, tmp_path):
     """Two model replicas, small batches, ranges of a few clips: blocks come back out of order, and a kill lands mid-flight."""
     out = str(tmp_path / "labels")

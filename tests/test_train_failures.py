@@ -104,6 +104,7 @@ def kill_all(pids) -> None:
         time.sleep(0.1)
 
 
+@pytest.mark.recovery
 def test_a_worker_killed_mid_epoch_is_replaced_and_training_resumes_from_the_last_checkpoint(ray_local, tiny_archive, tmp_path):
     from rnnimg.train import TrainConfig, train
 
@@ -152,6 +153,7 @@ def processes_of(ray_tmp: str) -> list[int]:
     return [pid for pid, (_, cmdline) in processes().items() if ray_tmp in cmdline]
 
 
+@pytest.mark.recovery
 def test_killing_the_whole_train_command_then_rerunning_it_resumes_at_the_next_epoch(ray_local, tiny_archive, tmp_path):
     from tests.test_end_to_end_s3 import run_cli
 
@@ -234,6 +236,7 @@ def model_history(out: str) -> list[dict]:
     return storage.read_json(os.path.join(out, "model", "metrics.json"))["history"]
 
 
+@pytest.mark.recovery
 @pytest.mark.timeout(480)
 def test_a_second_run_of_the_same_name_stops_at_once_naming_the_first_which_finishes(tiny_archive, tmp_path):
     _, manifest = tiny_archive
@@ -273,6 +276,7 @@ def test_a_second_run_of_the_same_name_stops_at_once_naming_the_first_which_fini
     print(f"the second run stopped after {second_s:.1f} s (interpreter and imports included): {lines[0]}")
 
 
+@pytest.mark.recovery
 @pytest.mark.timeout(540)
 def test_a_killed_run_rerun_at_once_resumes_and_its_processes_end_within_seconds(tiny_archive, tmp_path):
     _, manifest = tiny_archive
