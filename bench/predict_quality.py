@@ -12,8 +12,9 @@ Parts (run in this order; later parts read what earlier ones saved under --out):
 - ``surprise``: an archive of ``--surprise-videos`` ordinary 6 s moving-digits videos, one in ten
   with an anomaly (one digit teleports, freezes or reverses, at a random frame), labelled by
   ``rnnimg.label.label`` (Ray Data, the real job) with the nextframe model; each anomaly's clip
-  (the one whose predicted half starts the anomaly) must rank in the top 5% by surprise, for
-  >= 90% of the anomalies.
+  (the one whose scored half holds the anomaly's first frame) must rank in the top 5% by surprise,
+  for >= 90% of the anomalies. A clip's surprise is its largest one-step-ahead frame error
+  (``rnnimg.tasks.predict.surprise``).
 - ``conditioned``: a conditioned forecaster (1 frame in, 9 generated, the motion class as the
   forecaster's input) and the same model without the class, trained alike for ``--minutes-cond``
   each; rnnimg's CRNN (``rnnimg.models.crnn``) trained on real 10-frame sequences of the same
@@ -23,6 +24,7 @@ Parts (run in this order; later parts read what earlier ones saved under --out):
     .venv/bin/python bench/predict_quality.py --part nextframe --minutes 25
     .venv/bin/python bench/predict_quality.py --part surprise
     .venv/bin/python bench/predict_quality.py --part conditioned --minutes-cond 10 --minutes-crnn 5
+    .venv/bin/python bench/predict_quality.py --part nextframe --minutes 40 --lr 1e-3 --init OUT/nextframe_model --out OUT2   # train on
     .venv/bin/python bench/predict_quality.py --part nextframe --minutes 0.5 --test 64 --out /tmp/p   # a smoke run
 
 One training process at a time, ``torch.set_num_threads(--threads)`` (default 1); wall-time
@@ -70,10 +72,12 @@ def cosine_lr(optimizer, base_lr: float, fraction: float) -> None:
         group["lr"] = base_lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, fraction))))
 
 
-def fit_forecaster(config, minutes: float, batch_size: int, lr: float, seed: int, conditioned: bool) -> dict:
-    """Train for ``minutes`` of wall time on fresh sequences; returns the model and what it saw."""
+def fit_forecaster(config, minutes: float, batch_size: int, lr: float, seed: int, conditioned: bool, init: str = "") -> dict:
+    """Train for ``minutes`` of wall time on fresh sequences; returns the model and what it saw.
+    ``init``: an exported model of the same config to start from (training on: a second cosine cycle)."""
     import torch
 
+    from rnnimg import checkpoint
     from rnnimg.models.layout import to_model_input
     from rnnimg.tasks import get
     from rnnimg.tasks.predict import loss_fn
@@ -81,6 +85,11 @@ def fit_forecaster(config, minutes: float, batch_size: int, lr: float, seed: int
     task = get("predict")
     torch.manual_seed(seed)
     model = task.build_model(config)
+    if init:
+        exported, state = checkpoint.load_state(init)
+        if task.config_from_dict(exported.config) != config:
+            raise SystemExit(f"--init {init}: its config differs from this run's: {exported.config}")
+        model.load_state_dict(state)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     rng = np.random.default_rng(seed)
     started, steps, recent = time.perf_counter(), 0, []
@@ -151,7 +160,8 @@ def part_nextframe(args) -> None:
     manifest = test_archive(args.out, args.test)
     emit({"progress": "test archive", "sequences": args.test, "minutes": round((time.perf_counter() - started) / 60, 2)})
     config = ForecasterConfig(hidden=args.hidden, channels=tuple(args.channels), layers=args.layers, loss=args.loss)
-    fit = fit_forecaster(config, args.minutes, args.batch_size, args.lr, seed=0, conditioned=False)
+    # Training on from an earlier run's model draws other sequences than that run did (seed 1, not 0).
+    fit = fit_forecaster(config, args.minutes, args.batch_size, args.lr, seed=1 if args.init else 0, conditioned=False, init=args.init)
     model = fit["model"]
     rows = task.training_rows(manifest, "test", config)
     assert len(rows) == args.test, (len(rows), args.test)
@@ -168,7 +178,7 @@ def part_nextframe(args) -> None:
     checkpoint.save(model_uri, model.state_dict(), task.name, task.config_to_dict(config), metrics={"test": summary})
     emit({"part": "nextframe", "machine": cpu_model(), "torch": torch.__version__, "threads": torch.get_num_threads(),
           "config": task.config_to_dict(config), "params": sum(p.numel() for p in model.parameters()),
-          "train_steps": fit["steps"], "train_clips": fit["clips_seen"], "train_wall_minutes": fit["wall_minutes"],
+          "init": args.init or None, "train_steps": fit["steps"], "train_clips": fit["clips_seen"], "train_wall_minutes": fit["wall_minutes"],
           "test_sequences": summary["clips"], "score_minutes": round((time.perf_counter() - scored) / 60, 2),
           **{k: summary[k] for k in ("mse", "ssim", "copy_last_mse", "copy_last_ssim", "mean_frame_mse", "mean_frame_ssim",
                                      "mse_vs_copy_last", "mse_per_step")}, **velocity,
@@ -322,6 +332,7 @@ def main() -> None:
     parser.add_argument("--channels", type=int, nargs="+", default=[16, 32])
     parser.add_argument("--loss", choices=("bce", "mse"), default="bce", help="the forecasters' per-pixel loss")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--init", default="", help="nextframe: start from this exported model (same config) and train on for --minutes")
     args = parser.parse_args()
     import torch
 

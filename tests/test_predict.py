@@ -243,6 +243,52 @@ def test_the_constant_velocity_prior_moves_a_box_along_its_last_motion():
         assert float((frame - truth).abs().sum()) < 0.4 * float((frames[:, 1] - truth).abs().sum()), step
 
 
+@pytest.mark.parametrize("rnn_type,output", [("lstm", "filters"), ("gru", "filters"), ("lstm", "pixels")])
+def test_one_step_ahead_predictions_are_forward_on_each_prefix_of_the_clip(rnn_type, output):
+    """Frame t of ``next_frame_logits`` is what the same weights predict first from the clip's frames 0 .. t-1."""
+    config = ForecasterConfig(**{**TINY, "rnn_type": rnn_type, "output": output, "layers": 2})
+    torch.manual_seed(0)
+    model = Forecaster(config).eval()
+    x = torch.rand(2, 7, 3, 32, 32) - 0.5
+    with torch.no_grad():
+        one_step = model.next_frame_logits(x)
+        assert one_step.shape == (2, 7 - config.context_frames, 1, 32, 32)
+        for t in range(config.context_frames, 7):
+            prefix = Forecaster(ForecasterConfig(**{**asdict(config), "context_frames": t, "frames_per_clip": t + 1}))
+            prefix.load_state_dict(model.state_dict())
+            first = prefix.eval()(x[:, : t + 1]).logits[:, 0]
+            assert torch.allclose(one_step[:, t - config.context_frames], first, atol=1e-5), t
+    with pytest.raises(ValueError, match="T > context_frames"):
+        model.next_frame_logits(x[:, : config.context_frames])
+
+
+def test_surprise_is_low_for_steady_motion_and_high_where_it_jumps_stops_or_turns_back():
+    """With the decoder's part zeroed the kernels are the constant-velocity prior alone: a steadily moving
+    box is predicted one step ahead almost exactly, a jump, a stop or a turn is not."""
+    from rnnimg.tasks.predict import surprise
+
+    config = ForecasterConfig(frame_size=64, frames_per_clip=8, context_frames=4, clip_seconds=0.8, stride_seconds=0.4, hidden=8, layers=1)
+    model = Forecaster(config).eval()
+    with torch.no_grad():
+        model.decoder[-1].weight.zero_()
+        model.decoder[-1].bias.zero_()
+    texture = torch.rand(12, 12, generator=torch.Generator().manual_seed(0))
+    positions = {"steady": [(10 + 2 * t, 40 - 3 * t) for t in range(8)]}
+    positions["jumps"] = positions["steady"][:5] + [(y + 20, x) for y, x in positions["steady"][5:]]
+    positions["stops"] = positions["steady"][:5] + [positions["steady"][4]] * 3
+    positions["turns"] = positions["steady"][:5] + [positions["steady"][3], positions["steady"][2], positions["steady"][1]]
+    clips = torch.zeros(len(positions), 8, 1, 64, 64)
+    for i, track in enumerate(positions.values()):
+        for t, (y, x) in enumerate(track):
+            clips[i, t, 0, y : y + 12, x : x + 12] = texture
+    with torch.no_grad():
+        scores = dict(zip(positions, surprise(model, clips.expand(-1, -1, 3, -1, -1) - 0.5, config.context_frames).tolist()))
+    ink = float((texture**2).sum())  # the error of missing the box altogether
+    assert scores["steady"] < 0.1 * ink, scores
+    for kind in ("jumps", "stops", "turns"):
+        assert scores[kind] > 5 * scores["steady"] and scores[kind] > 0.3 * ink, (kind, scores)
+
+
 def test_a_forecaster_saved_before_the_filters_loads_as_it_was_trained():
     saved = {k: v for k, v in asdict(ForecasterConfig()).items() if k not in ("output", "filter_size", "motion_input", "loss")}
     assert ForecasterConfig.from_dict(saved).output == "pixels" and not ForecasterConfig.from_dict(saved).motion_input
@@ -378,9 +424,10 @@ def test_predict_gives_the_surprise_of_each_clip_and_rows_fit_the_table():
     x = torch.rand(3, 6, 3, 32, 32) - 0.5
     with torch.inference_mode():
         out = task().predict(model, x, config)
-        expected = task().summarize(task().batch_stats(model(x[1:2]), torch.zeros(1), config))["mse"]
+        # Each frame after the context one step ahead (the model's own check is below): the largest error.
+        errors = frame_mse(torch.sigmoid(model.next_frame_logits(x[1:2]).float()), to_grey(x[1:2])[:, config.context_frames:])
     assert list(out) == list(task().clip_columns()) and out["surprise"].shape == (3,) and out["surprise"].dtype == np.float32
-    assert out["surprise"][1] == pytest.approx(expected, rel=1e-5)
+    assert errors.shape == (1, 3) and out["surprise"][1] == pytest.approx(float(errors.max()), rel=1e-5)
     clip = {"video_uri": "v.mp4", "clip_index": 0, "start_s": 0.0, "end_s": 0.6, "surprise": float(out["surprise"][0]), "model_id": "m",
             "run_id": "r"}
     rows = task().shard_rows([clip], {"model_id": "m", "run_id": "r"}, 0.0)

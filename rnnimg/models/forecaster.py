@@ -34,7 +34,8 @@ training loss is over all F future frames at once.
 The output is a ``Forecast``: the logits and the clip as grey [0, 1] frames (the target of a
 forecaster is the future part of its own input; the loss, the metrics and the surprise score
 read both). ``forward_features`` returns the forecaster's states per step, ``forward_head`` the
-logits.
+logits, ``next_frame_logits`` each frame after the context predicted one step ahead from the frames
+before it (the surprise score's prediction).
 """
 
 from __future__ import annotations
@@ -149,6 +150,7 @@ class Forecaster(nn.Module):
         forward_features(clips, labels, steps) -> forecaster states (B, steps, hidden, h, h)
         forward_head(states, context) -> logits (B, steps, 1, H, W)
         forward(clips, labels=None) -> Forecast(logits (B, F, 1, H, W), frames (B, T, 1, H, W))
+        next_frame_logits(clips) -> logits (B, T - K, 1, H, W), frame t from frames 0 .. t-1
     """
 
     def __init__(self, config: ForecasterConfig):
@@ -255,6 +257,45 @@ class Forecaster(nn.Module):
         grey = to_grey(clips)
         logits = self.forward_head(self.forward_features(clips, labels), grey[:, : self.config.context_frames])
         return Forecast(logits, grey)
+
+    def next_frame_logits(self, clips: torch.Tensor) -> torch.Tensor:
+        """One step ahead at every step after the context: logits of frame t of ``clips`` given its frames
+        before t, for t = K .. T-1 (what the surprise score reads; an unconditioned model only).
+
+        Step t is exactly ``forward`` on the clip's first t frames with t of them as context and one
+        step to predict: the encoder reads frames 0 .. t-1 (its state carried from step to step, so the
+        frames are encoded once), the forecaster makes one step from there, and the kernels move
+        frame t-1 (with the constant-velocity prior of frames t-2, t-1). Shapes: clips
+        (B, T, 3, H, W), T > K -> (B, T - K, 1, H, W).
+        """
+        config = self.config
+        if config.labels:
+            raise ValueError("one-step predictions need no class: an unconditioned forecaster only")
+        if clips.dim() != 5 or clips.shape[1] <= config.context_frames:
+            raise ValueError(f"clips must be (B, T, C, H, W) with T > context_frames={config.context_frames}, got {tuple(clips.shape)}")
+        grey = to_grey(clips)
+        b, frames, _, height, width = grey.shape
+        seen = grey[:, :-1]  # the frames some step reads: 0 .. T-2
+        dtype = self._weights_dtype()
+        x = self.frame_encoder(seen.reshape(-1, 1, height, width).to(dtype))  # (B*(T-1), 1, H, W) -> (B*(T-1), C, h, w)
+        _, c, hh, ww = x.shape
+        logits = []
+        with torch.autocast(clips.device.type, enabled=False):
+            x = x.reshape(b, frames - 1, c, hh, ww).to(dtype)
+            motion = None
+            if config.motion_input:
+                motion = displacement_likelihoods(seen.float(), config.filter_size, height // hh).to(dtype)  # (B, T-1, k*k, h, w)
+                x = torch.cat([x, motion], 2)
+            _, state = self.encoder(x[:, : config.context_frames])  # the state after frames 0 .. K-1
+            for t in range(config.context_frames, frames):
+                inputs = x.new_zeros(b, 1, 1, hh, ww)
+                if motion is not None:
+                    inputs = torch.cat([inputs, motion[:, t - 1 : t]], 2)
+                states, _ = self.forecaster(inputs, state)  # (B, 1, Hd, h, w)
+                logits.append(self.forward_head(states, grey[:, :t]))  # (B, 1, 1, H, W)
+                if t + 1 < frames:
+                    _, state = self.encoder(x[:, t : t + 1], state)  # now after frames 0 .. t
+        return torch.cat(logits, 1)  # -> (B, T-K, 1, H, W)
 
     @torch.no_grad()
     def rollout(self, clips: torch.Tensor, steps: int, labels: torch.Tensor | None = None) -> torch.Tensor:

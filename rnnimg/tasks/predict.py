@@ -18,8 +18,9 @@ how surprising each clip of an archive is.
   convention), ``ssim`` (11x11 Gaussian window, sigma 1.5), each beside two baselines on the
   same clips: ``copy_last`` (the last context frame, repeated) and ``mean_frame`` (the mean of
   the context frames); the exported checkpoint is the best val_mse.
-- Label job: ``surprise`` per clip = the ``mse`` of the clip's last F frames given its first K;
-  table ``clips`` (``rnnimg.tables.SURPRISE_CLIPS``): no label, no segments.
+- Label job: ``surprise`` per clip = the largest one-step-ahead ``mse`` among the clip's last F frames,
+  each predicted from the frames before it (``surprise``); table ``clips``
+  (``rnnimg.tables.SURPRISE_CLIPS``): no label, no segments.
 """
 
 from __future__ import annotations
@@ -112,11 +113,22 @@ def loss_fn(outputs, context_frames: int, kind: str = "bce"):
     return F.binary_cross_entropy_with_logits(outputs.logits.float(), target)
 
 
-def surprise(outputs, context_frames: int):
-    """Per clip: the mean over its predicted frames of the per-frame MSE (summed over pixels): (B,)."""
+def surprise(model, inputs, context_frames: int):
+    """Per clip: how unexpected its most unexpected frame after the first K is, (B,).
+
+    Each frame t >= K is predicted one step ahead from the clip's frames before it
+    (``Forecaster.next_frame_logits``) and scored by its MSE summed over the pixels; a clip's surprise
+    is the largest of them. One step ahead, an ordinary clip's error is what one frame of motion
+    leaves uncertain; a digit that jumps, stops or turns back breaks that in one frame, which a
+    mean over the clip would dilute by its length and a multi-step forecast would drown in the
+    blur of its later steps.
+    """
     import torch
 
-    return frame_mse(torch.sigmoid(outputs.logits.float()), outputs.frames[:, context_frames:]).mean(1)
+    from rnnimg.models.forecaster import to_grey
+
+    predicted = torch.sigmoid(model.next_frame_logits(inputs).float())  # (B, T-K, 1, H, W)
+    return frame_mse(predicted, to_grey(inputs)[:, context_frames:]).amax(1)  # (B, T-K) -> (B,)
 
 
 # ----------------------------------------------------------------------------- report
@@ -315,7 +327,7 @@ class PredictTask(Task):
     def predict(self, model, inputs, config: "ForecasterConfig") -> dict[str, np.ndarray]:
         if config.labels:
             raise ValueError("a conditioned forecaster needs a class per clip; label an archive with an unconditioned one")
-        return {"surprise": surprise(model(inputs), config.context_frames).cpu().numpy().astype(np.float32)}
+        return {"surprise": surprise(model, inputs, config.context_frames).cpu().numpy().astype(np.float32)}
 
     def tables(self) -> dict:
         return {"clips": tables.SURPRISE_CLIPS}
