@@ -71,37 +71,54 @@ def make_archive(folder: Path, videos: int, distinct: int) -> Path:
 
 
 def child(folder: str, model: str, out: str) -> None:
-    """Run in a fresh process: one label job; print its measurements as JSON."""
+    """Run in a fresh process: one label job; print "ready" once Ray is up, then its measurements as JSON.
+
+    The driver's CPU is its own (every thread of it, ``getrusage``) from the call of ``label`` to its
+    return; the CPU of the whole process tree is sampled by the parent (``run_job``), so that no
+    sampler runs inside the driver it measures.
+    """
     import rnnimg
-    from label_throughput import TreeCPU  # bench/label_throughput.py
     from rnnimg.label import LabelConfig, label
     from rnnimg.runtime import ensure_ray
 
     ensure_ray(None)
-    with TreeCPU() as cpu:
-        wall = time.perf_counter()
-        before = resource.getrusage(resource.RUSAGE_SELF)
-        result = label(folder, model, out, LabelConfig())
-        after = resource.getrusage(resource.RUSAGE_SELF)
-        wall = time.perf_counter() - wall
+    print("ready", flush=True)
+    wall = time.perf_counter()
+    before = resource.getrusage(resource.RUSAGE_SELF)
+    result = label(folder, model, out, LabelConfig())
+    after = resource.getrusage(resource.RUSAGE_SELF)
+    wall = time.perf_counter() - wall
     print(json.dumps({
         "code": os.path.dirname(rnnimg.__file__), "videos": result.videos, "ok": result.ok, "clips": result.clips, "wall": wall,
         "driver_cpu": (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime),
-        "driver_rss_mb": after.ru_maxrss / 1024, "cpu": cpu.seconds,
-    }))
+        "driver_rss_mb": after.ru_maxrss / 1024,
+    }), flush=True)
 
 
 def run_job(folder: Path, model: str, out: Path, pythonpath: str | None) -> dict:
+    """One label job in a fresh driver process; the CPU of its whole process tree sampled from here."""
+    import ray  # noqa: F401  (puts Ray's vendored psutil on the path for TreeCPU; nothing is started)
+    from label_throughput import TreeCPU  # bench/label_throughput.py
+
     env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0", RAY_DATA_DISABLE_PROGRESS_BARS="1", RAY_AUTH_MODE="disabled")
     env.pop("RAY_ADDRESS", None)
     if pythonpath:
         env["PYTHONPATH"] = pythonpath + os.pathsep + env.get("PYTHONPATH", "")
     shutil.rmtree(out, ignore_errors=True)
-    done = subprocess.run([sys.executable, __file__, "--child", str(folder), model, str(out)], env=env, capture_output=True, text=True,
-                          cwd=str(HERE))
-    if done.returncode:
-        raise RuntimeError(f"label job failed ({done.returncode}):\n{done.stderr[-3000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    with tempfile.TemporaryFile("w+") as errors:
+        proc = subprocess.Popen([sys.executable, __file__, "--child", str(folder), model, str(out)], env=env, stdout=subprocess.PIPE,
+                                stderr=errors, text=True, cwd=str(HERE))
+        line = proc.stdout.readline()
+        result = None
+        if line.strip() == "ready":
+            with TreeCPU(root=proc.pid) as cpu:  # from the call of label() to its measurements
+                line = proc.stdout.readline()
+            result = json.loads(line) if line.strip() else None
+        proc.stdout.read()
+        if proc.wait() or result is None:
+            errors.seek(0)
+            raise RuntimeError(f"label job failed ({proc.returncode}):\n{errors.read()[-3000:]}")
+    return {**result, "cpu": cpu.seconds}
 
 
 def baseline_tree(ref: str, where: Path) -> Path:
