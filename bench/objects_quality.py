@@ -18,7 +18,7 @@ hidden ones. The two trainings run at the same time, one process and one core ea
 val F1; test is scored once, after training.
 
     .venv/bin/python bench/objects_quality.py                          # 30 epochs: 862 s on a shared 2-core EPYC
-    .venv/bin/python bench/objects_quality.py --head cells --workers 1 --epochs 60 --archive /tmp/a800   # run 4 of RESULTS_objects.md
+    .venv/bin/python bench/objects_quality.py --head cells --workers 1 --epochs 80 --archive /tmp/a800   # run 5 of RESULTS_objects.md (the headline)
     .venv/bin/python bench/objects_quality.py --videos 40 --epochs 1   # a smoke run
 """
 
