@@ -123,12 +123,28 @@ def _label(cluster: Cluster, videos: str, model: str, out: str) -> subprocess.Po
 
 
 def _summary(stdout: str) -> dict:
-    """The CLI's JSON summary: the last thing on stdout (Ray may print about the lost node before it)."""
-    start = stdout.rfind("\n{\n") + 1  # 0 when the summary is all there is
+    """The CLI's JSON summary: the last object on stdout whose braces stand alone on their lines. Ray's
+    driver prints the messages of its raylets (a task lost with a node) on stdout, asynchronously:
+    before the summary or, seen once, after it."""
+    lines = stdout.splitlines()
+    starts = [i for i, line in enumerate(lines) if line == "{"]
+    ends = [i for i, line in enumerate(lines) if line == "}" and starts and i > starts[-1]]
     try:
-        return json.loads(stdout[start:])
+        if not ends:
+            raise ValueError("no summary")
+        return json.loads("\n".join(lines[starts[-1] : ends[0] + 1]))
     except ValueError as err:
-        raise AssertionError(f"no JSON summary at the end of stdout:\n{stdout[-3000:]}") from err
+        raise AssertionError(f"no JSON summary on stdout:\n{stdout[-3000:]}") from err
+
+
+def test_the_summary_is_found_whatever_ray_prints_around_it():
+    summary = {"videos": 2, "tables": {"clips": 4}}
+    noise = "(raylet) Task _map_task failed. There are infinite retries remaining"
+    for stdout in (json.dumps(summary, indent=2) + "\n", f"{noise}\n{json.dumps(summary, indent=2)}\n",
+                   f"{noise}\n{json.dumps(summary, indent=2)}\n{noise}\n"):
+        assert _summary(stdout) == summary
+    with pytest.raises(AssertionError, match="no JSON summary"):
+        _summary(noise + "\n{\n")
 
 
 def _rows(out: str) -> tuple[pd.DataFrame, pd.DataFrame]:
