@@ -262,8 +262,8 @@ class Forecaster(nn.Module):
         """One step ahead at every step after the context: logits of frame t of ``clips`` given its frames
         before t, for t = K .. T-1 (what the surprise score reads; an unconditioned model only).
 
-        Step t is exactly ``forward`` on the clip's first t frames with t of them as context and one
-        step to predict: the encoder reads frames 0 .. t-1 (its state carried from step to step, so the
+        Step t is exactly ``forward`` on the clip's first t + 1 frames with t of them as context and
+        one step to predict: the encoder reads frames 0 .. t-1 (its state carried from step to step, so the
         frames are encoded once), the forecaster makes one step from there, and the kernels move
         frame t-1 (with the constant-velocity prior of frames t-2, t-1). Shapes: clips
         (B, T, 3, H, W), T > K -> (B, T - K, 1, H, W).
