@@ -112,8 +112,10 @@ def run_job(folder: Path, model: str, out: Path, pythonpath: str | None) -> dict
         result = None
         if line.strip() == "ready":
             with TreeCPU(root=proc.pid) as cpu:  # from the call of label() to its measurements
-                line = proc.stdout.readline()
-            result = json.loads(line) if line.strip() else None
+                for line in proc.stdout:  # Ray's driver may print its raylets' messages on stdout first
+                    if line.startswith("{"):
+                        result = json.loads(line)
+                        break
         proc.stdout.read()
         if proc.wait() or result is None:
             errors.seek(0)
