@@ -8,7 +8,10 @@ Parts (run in this order; later parts read what earlier ones saved under --out):
   sequences for ``--minutes`` of wall time, then scores the fixed-seed test set: 2,000 sequences
   written as H.264 videos (``rnnimg.tasks.digits_synth``, seed 2026) and decoded through the clip
   stream, against the copy-last-frame and mean-frame baselines on the same clips. Targets:
-  MSE <= 0.5x copy-last, SSIM above copy-last. Saves the model (``OUT/nextframe_model``).
+  MSE <= 0.5x copy-last, SSIM above copy-last. The black level the predictions are drawn with
+  (``ForecasterConfig.black_level``) is chosen first on ``--val-sequences`` fresh training-handwriting
+  sequences (``rnnimg.tasks.predict.choose_black_level``); the test figures at every level are printed
+  beside. Saves the model (``OUT/nextframe_model``).
 - ``surprise``: an archive of ``--surprise-videos`` ordinary 6 s moving-digits videos, one in ten
   with an anomaly (one digit teleports, freezes or reverses, at a random frame), labelled by
   ``rnnimg.label.label`` (Ray Data, the real job) with the nextframe model; each anomaly's clip
@@ -18,13 +21,16 @@ Parts (run in this order; later parts read what earlier ones saved under --out):
 - ``conditioned``: a conditioned forecaster (1 frame in, 9 generated, the motion class as the
   forecaster's input) and the same model without the class, trained alike for ``--minutes-cond``
   each; rnnimg's CRNN (``rnnimg.models.crnn``) trained on real 10-frame sequences of the same
-  generator; then clips generated for each class from fresh first frames are classified. Target:
-  >= 90% recognised as their class; the unconditioned model: chance (25%).
+  generator; then clips generated for each class from fresh first frames are classified (drawn at a
+  black level chosen on a validation draw, as for nextframe; also with none, for the record). Target:
+  >= 90% recognised as their class; the unconditioned model: chance (25%). ``--reuse DIR`` scores the
+  generators an earlier run saved in DIR instead of training them.
 
     .venv/bin/python bench/predict_quality.py --part nextframe --minutes 25
     .venv/bin/python bench/predict_quality.py --part surprise
     .venv/bin/python bench/predict_quality.py --part conditioned --minutes-cond 10 --minutes-crnn 5
     .venv/bin/python bench/predict_quality.py --part nextframe --minutes 40 --lr 1e-3 --init OUT/nextframe_model --out OUT2   # train on
+    .venv/bin/python bench/predict_quality.py --part nextframe --minutes 0 --init OUT/nextframe_model --out OUT3   # score a saved model
     .venv/bin/python bench/predict_quality.py --part nextframe --minutes 0.5 --test 64 --out /tmp/p   # a smoke run
 
 One training process at a time, ``torch.set_num_threads(--threads)`` (default 1); wall-time
@@ -40,6 +46,7 @@ import os
 import sys
 import tempfile
 import time
+from dataclasses import replace
 
 import numpy as np
 
@@ -87,7 +94,7 @@ def fit_forecaster(config, minutes: float, batch_size: int, lr: float, seed: int
     model = task.build_model(config)
     if init:
         exported, state = checkpoint.load_state(init)
-        if task.config_from_dict(exported.config) != config:
+        if replace(task.config_from_dict(exported.config), black_level=config.black_level) != config:
             raise SystemExit(f"--init {init}: its config differs from this run's: {exported.config}")
         model.load_state_dict(state)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
@@ -109,6 +116,24 @@ def fit_forecaster(config, minutes: float, batch_size: int, lr: float, seed: int
                   "loss_last_50": round(float(np.mean(recent[-50:])), 5)})
     model.eval()
     return {"model": model, "steps": steps, "clips_seen": steps * batch_size, "wall_minutes": round((time.perf_counter() - started) / 60, 2)}
+
+
+def validation_sweep(model, config, sequences: int, seed: int) -> dict:
+    """The model's MSE and SSIM at every black level (``rnnimg.tasks.predict.BLACK_LEVELS``) on ``sequences``
+    freshly drawn sequences of the training handwriting (none of the test set's), rendered without the codec."""
+    import torch
+
+    from rnnimg.models.layout import to_model_input
+    from rnnimg.tasks import get
+
+    task, rng, total = get("predict"), np.random.default_rng(seed), {}
+    for start in range(0, sequences, 32):
+        clips, labels = random_batch(rng, min(32, sequences - start), config.frames_per_clip)
+        with torch.inference_mode():
+            stats = task.batch_stats(model(to_model_input(clips), labels if config.labels else None), None, config)
+        total = {k: total.get(k, 0) + v for k, v in stats.items()}
+    summary = task.summarize(total)
+    return {"sequences": sequences, "mse_by_black_level": summary["mse_by_black_level"], "ssim_by_black_level": summary["ssim_by_black_level"]}
 
 
 def test_archive(out: str, count: int) -> str:
@@ -159,10 +184,18 @@ def part_nextframe(args) -> None:
     started = time.perf_counter()
     manifest = test_archive(args.out, args.test)
     emit({"progress": "test archive", "sequences": args.test, "minutes": round((time.perf_counter() - started) / 60, 2)})
-    config = ForecasterConfig(hidden=args.hidden, channels=tuple(args.channels), layers=args.layers, loss=args.loss)
+    from rnnimg.tasks.predict import BLACK_LEVELS, choose_black_level
+
+    config = ForecasterConfig(hidden=args.hidden, channels=tuple(args.channels), layers=args.layers, loss=args.loss, black_level=0.0)
     # Training on from an earlier run's model draws other sequences than that run did (seed 1, not 0).
     fit = fit_forecaster(config, args.minutes, args.batch_size, args.lr, seed=1 if args.init else 0, conditioned=False, init=args.init)
     model = fit["model"]
+    # The black level the predictions are drawn with, chosen on a validation draw (as `rnnimg train` chooses it on
+    # the val split); the test set is scored once, at that level (its figures at every level are printed beside).
+    sweep = validation_sweep(model, config, args.val_sequences, seed=10_000 + int(bool(args.init)))
+    config = replace(config, black_level=choose_black_level(sweep["mse_by_black_level"], sweep["ssim_by_black_level"]))
+    emit({"progress": "black level", "chosen": config.black_level, "black_levels": list(BLACK_LEVELS),
+          **{f"val_{k}": [round(v, 4) for v in sweep[k]] for k in ("mse_by_black_level", "ssim_by_black_level")}})
     rows = task.training_rows(manifest, "test", config)
     assert len(rows) == args.test, (len(rows), args.test)
     scored = time.perf_counter()
@@ -172,8 +205,10 @@ def part_nextframe(args) -> None:
     velocity = {}
     if config.output == "filters" and config.motion_input:
         clips = iter_clips(rows, task, config, train=False, rng=np.random.default_rng(0))
-        baseline = task.summarize(evaluate(constant_velocity(config), iter_batches(clips, 32), "cpu", task, config))
-        velocity = {"constant_velocity_mse": baseline["mse"], "constant_velocity_ssim": baseline["ssim"]}
+        plain = replace(config, black_level=0.0)  # the prior as it is (its figures at each black level beside)
+        baseline = task.summarize(evaluate(constant_velocity(plain), iter_batches(clips, 32), "cpu", task, plain))
+        velocity = {"constant_velocity_mse": baseline["mse"], "constant_velocity_ssim": baseline["ssim"],
+                    "constant_velocity_ssim_by_black_level": [round(v, 4) for v in baseline["ssim_by_black_level"]]}
     model_uri = os.path.join(args.out, "nextframe_model")
     checkpoint.save(model_uri, model.state_dict(), task.name, task.config_to_dict(config), metrics={"test": summary})
     emit({"part": "nextframe", "machine": cpu_model(), "torch": torch.__version__, "threads": torch.get_num_threads(),
@@ -182,6 +217,10 @@ def part_nextframe(args) -> None:
           "test_sequences": summary["clips"], "score_minutes": round((time.perf_counter() - scored) / 60, 2),
           **{k: summary[k] for k in ("mse", "ssim", "copy_last_mse", "copy_last_ssim", "mean_frame_mse", "mean_frame_ssim",
                                      "mse_vs_copy_last", "mse_per_step")}, **velocity,
+          "black_level": config.black_level, "black_level_chosen_on": f"{sweep['sequences']} validation sequences",
+          "raw_mse": summary["mse_by_black_level"][0], "raw_ssim": summary["ssim_by_black_level"][0],
+          "test_mse_by_black_level": [round(v, 3) for v in summary["mse_by_black_level"]],
+          "test_ssim_by_black_level": [round(v, 4) for v in summary["ssim_by_black_level"]],
           "target_mse_half_copy_last": summary["mse_vs_copy_last"] <= 0.5, "target_ssim_above_copy_last": summary["ssim"] > summary["copy_last_ssim"],
           "model": model_uri})
 
@@ -275,28 +314,52 @@ def part_conditioned(args) -> None:
                        "real_test_clips": total}
     emit({"progress": "crnn", **results["crnn"]})
 
+    from rnnimg.tasks.predict import choose_black_level
+
     per_class = args.generated // len(MOTION_CLASSES)
     for conditioned in (True, False):
         config = ForecasterConfig(frames_per_clip=frames, context_frames=1, clip_seconds=1.0, stride_seconds=0.9, hidden=args.hidden,
-                                  channels=tuple(args.channels), layers=args.layers, loss=args.loss, labels=MOTION_CLASSES if conditioned else ())
-        fit = fit_forecaster(config, args.minutes_cond, args.batch_size, args.lr, seed=1, conditioned=conditioned)
-        model = fit["model"]
+                                  channels=tuple(args.channels), layers=args.layers, loss=args.loss, labels=MOTION_CLASSES if conditioned else (),
+                                  black_level=0.0)
         name = "conditioned" if conditioned else "unconditioned"
-        checkpoint.save(os.path.join(args.out, f"{name}_model"), model.state_dict(), task.name, task.config_to_dict(config),
+        if args.reuse:  # generators an earlier run of this part saved (same config): only the scoring is redone
+            exported, state = checkpoint.load_state(os.path.join(args.reuse, f"{name}_model"))
+            if replace(task.config_from_dict(exported.config), black_level=0.0) != config:
+                raise SystemExit(f"--reuse {args.reuse}: the {name} model's config differs from this run's: {exported.config}")
+            model = task.build_model(config)
+            model.load_state_dict(state)
+            fit = {"model": model.eval(), "steps": None, "clips_seen": None, "wall_minutes": None, "reused": os.path.join(args.reuse, f"{name}_model")}
+        else:
+            fit = fit_forecaster(config, args.minutes_cond, args.batch_size, args.lr, seed=1, conditioned=conditioned)
+        # The black level its clips are drawn with, chosen on a validation draw as for the next-frame model.
+        sweep = validation_sweep(fit["model"], config, args.val_sequences, seed=20_000 + int(conditioned))
+        chosen = replace(config, black_level=choose_black_level(sweep["mse_by_black_level"], sweep["ssim_by_black_level"]))
+        model = task.build_model(chosen)
+        model.load_state_dict(fit["model"].state_dict())
+        model.eval()
+        checkpoint.save(os.path.join(args.out, f"{name}_model"), model.state_dict(), task.name, task.config_to_dict(chosen),
                         labels=list(config.labels))
-        confusion = np.zeros((len(MOTION_CLASSES), len(MOTION_CLASSES)), np.int64)
-        with torch.inference_mode():
-            for wanted in range(len(MOTION_CLASSES)):
-                # Seeds disjoint from training (which draws from default_rng(1)); the same seeds for both models.
-                generated = np.stack([to_rgb(generate_clip(model, config, wanted, 10_000 + wanted * per_class + i)) if conditioned else
-                                      to_rgb(_unconditioned_clip(model, config, wanted, 10_000 + wanted * per_class + i))
-                                      for i in range(per_class)])
-                predicted = crnn(to_model_input(generated))[0].argmax(1)
-                for p in predicted.tolist():
-                    confusion[wanted, p] += 1
-        accuracy = float(np.trace(confusion) / confusion.sum())
+        recognised = {}
+        for drawn in (chosen, config) if chosen.black_level else (chosen,):  # at the chosen level, and with none for the record
+            model = task.build_model(drawn)
+            model.load_state_dict(fit["model"].state_dict())
+            model.eval()
+            confusion = np.zeros((len(MOTION_CLASSES), len(MOTION_CLASSES)), np.int64)
+            with torch.inference_mode():
+                for wanted in range(len(MOTION_CLASSES)):
+                    # Seeds disjoint from training (which draws from default_rng(1)); the same seeds for both models.
+                    generated = np.stack([to_rgb(generate_clip(model, drawn, wanted, 10_000 + wanted * per_class + i)) if conditioned else
+                                          to_rgb(_unconditioned_clip(model, drawn, wanted, 10_000 + wanted * per_class + i))
+                                          for i in range(per_class)])
+                    predicted = crnn(to_model_input(generated))[0].argmax(1)
+                    for p in predicted.tolist():
+                        confusion[wanted, p] += 1
+            recognised[drawn.black_level] = (float(np.trace(confusion) / confusion.sum()), confusion.tolist())
+        accuracy, confusion = recognised[chosen.black_level]
         results[name] = {"train_steps": fit["steps"], "train_clips": fit["clips_seen"], "train_wall_minutes": fit["wall_minutes"],
-                         "recognised": accuracy, "confusion": confusion.tolist()}
+                         "reused": fit.get("reused"), "black_level": chosen.black_level, "recognised": accuracy, "confusion": confusion,
+                         "recognised_without_black_level": recognised.get(0.0, (accuracy,))[0],
+                         "val_ssim_by_black_level": [round(v, 4) for v in sweep["ssim_by_black_level"]]}
         emit({"progress": name, **results[name]})
     emit({"part": "conditioned", "machine": cpu_model(), "torch": torch.__version__, "generated_per_class": per_class, **results,
           "target_conditioned": results["conditioned"]["recognised"] >= 0.9, "chance": 1 / len(MOTION_CLASSES)})
@@ -332,6 +395,8 @@ def main() -> None:
     parser.add_argument("--channels", type=int, nargs="+", default=[16, 32])
     parser.add_argument("--loss", choices=("bce", "mse"), default="bce", help="the forecasters' per-pixel loss")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--val-sequences", type=int, default=256, help="nextframe: validation sequences the black level is chosen on")
+    parser.add_argument("--reuse", default="", help="conditioned: score the generators an earlier run saved in this folder instead of training them")
     parser.add_argument("--init", default="", help="nextframe: start from this exported model (same config) and train on for --minutes")
     args = parser.parse_args()
     import torch

@@ -1,7 +1,7 @@
 """Task ``predict``: moving-digits synth, the encoder-forecaster, metrics, surprise rows, training and labelling."""
 
 import os
-from dataclasses import asdict
+from dataclasses import asdict, replace
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -9,10 +9,11 @@ import pytest
 import torch
 
 from rnnimg import tables, tasks
-from rnnimg.models.forecaster import Forecast, Forecaster, ForecasterConfig, apply_filters, constant_velocity_prior, displacement_likelihoods, to_grey
+from rnnimg.models.forecaster import (Forecast, Forecaster, ForecasterConfig, apply_filters, constant_velocity_prior, displacement_likelihoods,
+                                      to_grey, to_image)
 from rnnimg.tasks.digits_synth import (GLYPH, MOTION_CLASSES, Anomaly, DigitsSynthConfig, compose, digit_glyphs, digit_pool, make_archive, plan,
                                        pool_of_split, render_glyph, render_sequence, to_rgb, trajectory)
-from rnnimg.tasks.predict import forecast_stats, frame_mse, ssim
+from rnnimg.tasks.predict import BLACK_LEVELS, black_level_stats, choose_black_level, forecast_stats, frame_mse, ssim
 from rnnimg.video.clips import ClipSpec, uniform_clips
 from rnnimg.video.decode import VideoReader
 
@@ -435,6 +436,52 @@ def test_predict_gives_the_surprise_of_each_clip_and_rows_fit_the_table():
     assert table.schema == tables.SURPRISE_CLIPS and table.column("surprise").to_pylist() == pytest.approx([clip["surprise"]])
 
 
+def test_the_black_level_draws_faint_grey_black_and_is_chosen_within_the_mse_slack():
+    logits = torch.logit(torch.tensor([0.0001, 0.04, 0.06, 0.5, 0.99]).view(1, 1, 1, 1, 5))
+    assert to_image(logits).flatten().tolist() == pytest.approx([0.0001, 0.04, 0.06, 0.5, 0.99], rel=1e-4)
+    assert to_image(logits, 0.05).flatten().tolist() == pytest.approx([0.0, 0.0, 0.06, 0.5, 0.99], rel=1e-4)
+
+    # A digit's clear core with a faint haze around it, over black: drawing the haze black costs a little
+    # MSE (where the truth is lit) and wins SSIM; the sweep's level 0 is the plain prediction.
+    truth = torch.zeros(2, 3, 1, 32, 32)
+    truth[..., 10:20, 10:20] = 1.0
+    predicted = torch.full_like(truth, 0.03)
+    predicted[..., 10:20, 10:20] = 0.9
+    predicted[..., 10:20, 19] = 0.08  # a lit column of the truth the model was unsure of
+    sweep = black_level_stats(torch.logit(predicted), truth)
+    plain = forecast_stats(predicted, torch.cat([truth[:, :1], truth], 1), 1)
+    assert sweep["black_level_mse"][0].item() == pytest.approx(plain["mse"].mean().item(), rel=1e-6)
+    assert sweep["black_level_ssim"][0].item() == pytest.approx(plain["ssim"].mean().item(), rel=1e-6)
+    mse, score = sweep["black_level_mse"].tolist(), sweep["black_level_ssim"].tolist()
+    assert score[1] > score[0] + 0.2 and mse[1] < mse[0]  # 0.05: the haze gone, the lit column kept
+    assert mse[2] > mse[1]  # 0.1 also blacks out the lit column
+    assert choose_black_level(mse, score) == BLACK_LEVELS[int(np.argmax([sc if m <= mse[0] * 1.05 else -1 for m, sc in zip(mse, score)]))]
+    assert choose_black_level([10, 10.4, 11, 12, 13, 14, 15], [0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99]) == 0.05  # within 5% of level 0 only
+    assert choose_black_level([10, 9, 9, 9, 9, 9, 9], [0.5, 0.4, 0.3, 0.3, 0.3, 0.3, 0.3]) == 0.0
+    with pytest.raises(ValueError, match="per level"):
+        choose_black_level([1, 2], [0.1, 0.2])
+
+
+def test_the_black_level_is_saved_chosen_at_export_and_old_models_keep_none():
+    task_ = task()
+    assert ForecasterConfig().black_level is None and ForecasterConfig().black == 0.0
+    with pytest.raises(ValueError, match="black_level"):
+        ForecasterConfig(black_level=1.0)
+    saved = {k: v for k, v in asdict(ForecasterConfig(output="pixels", motion_input=False)).items() if k in
+             {"frame_size", "frames_per_clip", "context_frames", "clip_seconds", "stride_seconds", "channels", "rnn_type", "hidden",
+              "layers", "kernel_size", "labels"}}
+    assert ForecasterConfig.from_dict(saved).black_level == 0.0  # a model exported before the black level draws as it did
+    entry = {"epoch": 3, "val_mse": 10.0, "val_ssim": 0.5, "val_mse_by_black_level": [10, 10.2, 10.4, 11, 12, 13, 14],
+             "val_ssim_by_black_level": [0.5, 0.6, 0.7, 0.75, 0.8, 0.8, 0.8], "val_copy_last_mse": 40.0}
+    chosen = task_.export_config(ForecasterConfig(), entry)
+    assert chosen.black_level == 0.1 and task_.export_config(ForecasterConfig(black_level=0.2), entry).black_level == 0.2
+    assert task_.export_config(ForecasterConfig(), {"epoch": 0}).black_level == 0.0  # no sweep: none
+    ev = task_.evaluation(entry, chosen)
+    assert (ev["black_level"], ev["mse"], ev["ssim"], ev["raw_mse"], ev["raw_ssim"]) == (0.1, 10.4, 0.7, 10, 0.5)
+    assert ev["mse_vs_copy_last"] == pytest.approx(10.4 / 40.0)
+    assert task_.evaluation(entry, ForecasterConfig(black_level=0.0))["mse"] == 10
+
+
 # ----------------------------------------------------------------------------- through Ray, and generate
 
 
@@ -450,9 +497,15 @@ def test_train_through_ray_then_label_writes_surprise_rows_then_generate(ray_loc
     result = train(manifest, str(tmp_path), "pred", TrainConfig(epochs=1, workers=1, batch_size=4, use_gpu=False), model_config=config,
                    task="predict")
     assert result.task == "predict" and result.metrics["val_mse"] > 0 and result.metrics["val_copy_last_mse"] > 0
-    assert result.evaluation["mse"] == result.metrics["val_mse"] and "copy the last input frame" in result.report_markdown
+    assert "copy the last input frame" in result.report_markdown and "black level" in result.report_markdown
+    # The black level was left to choose: chosen on the selected epoch's validation sweep, exported with the model,
+    # and the evaluation's figures are the model's at that level (with none: the epoch's own val_mse).
+    ev = result.evaluation
+    assert config.black_level is None and ev["raw_mse"] == pytest.approx(result.metrics["val_mse"], rel=1e-6)
+    assert ev["black_level"] == choose_black_level(ev["mse_by_black_level"], ev["ssim_by_black_level"])
+    assert ev["mse"] == ev["mse_by_black_level"][BLACK_LEVELS.index(ev["black_level"])]
     loaded_task, _, loaded_config, _ = tasks.load_model(result.model_uri)
-    assert loaded_task.name == "predict" and loaded_config == config
+    assert loaded_task.name == "predict" and loaded_config == replace(config, black_level=ev["black_level"])
 
     out = str(tmp_path / "labels")
     videos = [os.path.join(root, "videos", "test"), os.path.join(root, "videos", "unlabelled")]

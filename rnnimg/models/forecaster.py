@@ -56,7 +56,7 @@ EPS = 1e-4  # a "filters" prediction is clamped to [EPS, 1 - EPS] before its log
 # since with what a config.json without them means: such a model loads as it was trained.
 FIRST_FIELDS = frozenset({"frame_size", "frames_per_clip", "context_frames", "clip_seconds", "stride_seconds", "channels", "rnn_type",
                           "hidden", "layers", "kernel_size", "labels"})
-SAVED_BEFORE = {"output": "pixels", "filter_size": 9, "motion_input": False, "loss": "bce"}
+SAVED_BEFORE = {"output": "pixels", "filter_size": 9, "motion_input": False, "loss": "bce", "black_level": 0.0}
 PRIOR_FLOOR = 1e-3  # added to the constant-velocity prior before its log: the decoder can still overrule it
 MOTION_TEMPERATURE = 0.005  # of the displacement softmax: mean squared differences 0.005 apart are e times less likely (0.02: prior alone SSIM 0.631, 0.005: 0.660)
 
@@ -83,6 +83,10 @@ class ForecasterConfig(JsonConfig):
     filter_size: int = 9  # side of the per-pixel kernels of output "filters" (odd): the farthest a pixel moves per frame is its half
     motion_input: bool = True  # the encoder also reads, per cell, how likely each displacement was between consecutive frames
     loss: str = "bce"  # per-pixel loss of the future frames: "bce" (with logits) or "mse" (of the grey values)
+    # Predicted grey values below this are drawn black. A model unsure where a digit goes spreads a faint
+    # haze over the candidates; SSIM reads any haze on black as lost structure. None: chosen on the
+    # validation split when the model is exported (``rnnimg.tasks.predict.choose_black_level``), 0 until then.
+    black_level: float | None = None
 
     def __post_init__(self) -> None:
         if self.frame_size < 8:
@@ -111,6 +115,8 @@ class ForecasterConfig(JsonConfig):
             raise ValueError(f"loss must be one of {LOSSES}, got {self.loss!r}")
         if self.filter_size < 3 or self.filter_size % 2 == 0:
             raise ValueError(f"filter_size must be odd and >= 3, got {self.filter_size}")
+        if self.black_level is not None and not 0.0 <= self.black_level < 1.0:
+            raise ValueError(f"black_level must be in [0, 1) or None, got {self.black_level}")
 
     @classmethod
     def from_dict(cls, data: dict) -> "ForecasterConfig":
@@ -125,6 +131,11 @@ class ForecasterConfig(JsonConfig):
         return super().from_dict(data)
 
     @property
+    def black(self) -> float:
+        """The black level in force: ``black_level``, 0 while it is not chosen yet."""
+        return float(self.black_level or 0.0)
+
+    @property
     def future_frames(self) -> int:
         """Frames predicted per clip."""
         return self.frames_per_clip - self.context_frames
@@ -135,6 +146,12 @@ class Forecast(NamedTuple):
 
     logits: torch.Tensor  # (B, F, 1, H, W): per-pixel logits of the F frames after the context (sigmoid: grey in [0, 1])
     frames: torch.Tensor  # (B, T, 1, H, W): the input clip, grey in [0, 1] (the future part is the target)
+
+
+def to_image(logits: torch.Tensor, black_level: float = 0.0) -> torch.Tensor:
+    """Predicted logits -> grey in [0, 1], values under ``black_level`` drawn black (same shape, float32)."""
+    grey = torch.sigmoid(logits.float())
+    return grey.masked_fill(grey < black_level, 0.0) if black_level > 0 else grey
 
 
 def to_grey(clips: torch.Tensor) -> torch.Tensor:
@@ -299,9 +316,10 @@ class Forecaster(nn.Module):
 
     @torch.no_grad()
     def rollout(self, clips: torch.Tensor, steps: int, labels: torch.Tensor | None = None) -> torch.Tensor:
-        """Grey predictions in [0, 1] of ``steps`` frames after the first K of ``clips``: (B, steps, 1, H, W)."""
+        """Grey predictions in [0, 1] of ``steps`` frames after the first K of ``clips``, drawn with the
+        config's black level: (B, steps, 1, H, W)."""
         context = to_grey(clips[:, : self.config.context_frames])  # (B, K, 1, H, W)
-        return torch.sigmoid(self.forward_head(self.forward_features(clips, labels, steps), context).float())
+        return to_image(self.forward_head(self.forward_features(clips, labels, steps), context), self.config.black)
 
 
 def constant_velocity_prior(pair: torch.Tensor, size: int, cell: int, steps: int) -> torch.Tensor:

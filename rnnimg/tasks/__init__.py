@@ -139,6 +139,11 @@ class Task:
         """Epoch metrics from summed stats: scalars (``loss``, ``clips``, ...) and lists (history only)."""
         raise NotImplementedError
 
+    def export_config(self, config: Any, best_entry: dict) -> Any:
+        """The model config exported with the selected epoch (``best_entry``: its history entry): the
+        training config, or one with settings chosen on the validation figures (task ``predict``)."""
+        return config
+
     def evaluation(self, best_entry: dict, config: Any) -> dict:
         """The selected epoch's evaluation summary (stored in metrics.json under ``evaluation``)."""
         return {}

@@ -17,7 +17,9 @@ how surprising each clip of an archive is.
 - Metrics: ``mse`` (per frame, summed over the pixels, values in [0, 1], the Moving MNIST
   convention), ``ssim`` (11x11 Gaussian window, sigma 1.5), each beside two baselines on the
   same clips: ``copy_last`` (the last context frame, repeated) and ``mean_frame`` (the mean of
-  the context frames); the exported checkpoint is the best val_mse.
+  the context frames); the exported checkpoint is the best val_mse. Predictions are drawn with the
+  config's black level (grey below it is black; ``ForecasterConfig.black_level``), chosen at export on
+  the selected epoch's validation figures when the config leaves it None (``choose_black_level``).
 - Label job: ``surprise`` per clip = the largest one-step-ahead ``mse`` among the clip's last F frames,
   each predicted from the frames before it (``surprise``); table ``clips``
   (``rnnimg.tables.SURPRISE_CLIPS``): no label, no segments.
@@ -39,6 +41,10 @@ if TYPE_CHECKING:
 REPORT = "report.md"
 DEFAULT_FPS = 10.0  # frame rate assumed for a manifest that does not record one (the synth's default)
 SSIM_WINDOW, SSIM_SIGMA = 11, 1.5
+# Black levels every evaluation scores (``ForecasterConfig.black_level``), and how much MSE the one chosen
+# may cost against none: the highest SSIM among the levels within that (``choose_black_level``).
+BLACK_LEVELS = (0.0, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3)
+BLACK_LEVEL_MSE_SLACK = 0.05
 
 
 # ----------------------------------------------------------------------------- metrics
@@ -101,6 +107,41 @@ def forecast_stats(predicted, frames, context_frames: int) -> dict:
     return out
 
 
+def black_level_stats(logits, future) -> dict:
+    """Sums over a batch of the MSE and SSIM of the prediction drawn at each of ``BLACK_LEVELS``.
+
+    Args:
+        logits: (B, F, 1, H, W) predicted; future: the frames they predict, (B, F, 1, H, W) in [0, 1].
+
+    Returns:
+        ``{black_level_mse, black_level_ssim}``, each (len(BLACK_LEVELS),) float64: per-frame means
+        summed over the batch's clips (as ``forecast_stats``'s, averaged over the steps).
+    """
+    import torch
+
+    from rnnimg.models.forecaster import to_image
+
+    b, f = future.shape[:2]
+    flat_truth = future.reshape(b * f, *future.shape[2:])
+    mse, score = [], []
+    for level in BLACK_LEVELS:
+        guess = to_image(logits, level)
+        mse.append(frame_mse(guess, future).sum() / f)
+        score.append(ssim(guess.reshape(b * f, *guess.shape[2:]), flat_truth).sum() / f)
+    return {"black_level_mse": torch.stack(mse), "black_level_ssim": torch.stack(score)}
+
+
+def choose_black_level(mse_by_level, ssim_by_level, slack: float = BLACK_LEVEL_MSE_SLACK) -> float:
+    """The level of ``BLACK_LEVELS`` with the highest SSIM among those whose MSE is within
+    ``1 + slack`` times the MSE with no black level (the first entry). SSIM rises as the haze goes,
+    MSE too (a faint pixel the truth lit is now wrong by all of it): the slack bounds what SSIM may cost."""
+    mse, score = np.asarray(mse_by_level, np.float64), np.asarray(ssim_by_level, np.float64)
+    if len(mse) != len(BLACK_LEVELS) or len(score) != len(BLACK_LEVELS):
+        raise ValueError(f"expected {len(BLACK_LEVELS)} values per level, got {len(mse)} and {len(score)}")
+    allowed = np.flatnonzero(mse <= mse[0] * (1.0 + slack))  # level 0 always qualifies
+    return float(BLACK_LEVELS[int(allowed[np.argmax(score[allowed])])])
+
+
 def loss_fn(outputs, context_frames: int, kind: str = "bce"):
     """Per-pixel loss of the predicted frames against the clip's future frames: BCE with logits, or the
     MSE of the grey values (``kind``, the model's ``ForecasterConfig.loss``)."""
@@ -117,7 +158,8 @@ def surprise(model, inputs, context_frames: int):
     """Per clip: how unexpected its most unexpected frame after the first K is, (B,).
 
     Each frame t >= K is predicted one step ahead from the clip's frames before it
-    (``Forecaster.next_frame_logits``) and scored by its MSE summed over the pixels; a clip's surprise
+    (``Forecaster.next_frame_logits``) and scored by its MSE summed over the pixels (no black level:
+    an error score, not a picture); a clip's surprise
     is the largest of them. One step ahead, an ordinary clip's error is what one frame of motion
     leaves uncertain; a digit that jumps, stops or turns back breaks that in one frame, which a
     mean over the clip would dilute by its length and a multi-step forecast would drown in the
@@ -158,6 +200,7 @@ def write_report(model_uri: str, evaluation: dict, history: list, best_metrics: 
         "",
         f"MSE / copy-last: {fmt(e.get('mse_vs_copy_last'), 3)} (target <= 0.5).",
         "",
+        *_black_level_lines(e, fmt),
         "| epoch | train loss | val loss | val MSE | val SSIM |",
         "|---|---|---|---|---|",
     ]
@@ -173,6 +216,20 @@ def write_report(model_uri: str, evaluation: dict, history: list, best_metrics: 
     report_uri = storage.join(model_uri, REPORT)
     storage.write_bytes(report_uri, markdown.encode("utf-8"))
     return Report(report_uri=report_uri, confusion_uri=None, curves_uri=None, markdown=markdown)
+
+
+def _black_level_lines(e: dict, fmt) -> list[str]:
+    """The report's paragraph on the black level: the level drawn, and the validation figures at every level."""
+    levels, mse, score = e.get("black_levels"), e.get("mse_by_black_level"), e.get("ssim_by_black_level")
+    if not levels or not mse or not score:
+        return []
+    lines = [f"Predictions are drawn with black level {fmt(e.get('black_level'))}: grey values below it are black "
+             f"(chosen on the validation split: the best SSIM whose MSE is within {BLACK_LEVEL_MSE_SLACK:.0%} of none). "
+             f"With none: MSE {fmt(e.get('raw_mse'))}, SSIM {fmt(e.get('raw_ssim'), 3)}.", "",
+             "| black level | " + " | ".join(fmt(v) for v in levels) + " |", "|---" * (len(levels) + 1) + "|",
+             "| val MSE | " + " | ".join(fmt(v) for v in mse) + " |",
+             "| val SSIM | " + " | ".join(fmt(v, 3) for v in score) + " |", ""]
+    return lines
 
 
 # ----------------------------------------------------------------------------- the task
@@ -291,12 +348,18 @@ class PredictTask(Task):
     def batch_stats(self, outputs, targets, config: "ForecasterConfig", loss=None) -> dict:
         import torch
 
+        from rnnimg.models.forecaster import to_image
+
+        evaluating = loss is None  # the training loop passes the batch's loss; evaluation does not
         if loss is None:
             loss = loss_fn(outputs, config.context_frames, config.loss)
         n = len(outputs.frames)
-        predicted = torch.sigmoid(outputs.logits.float())
-        return {"loss_sum": loss.detach().double() * n, "count": torch.tensor(n, device=outputs.frames.device),
-                **forecast_stats(predicted, outputs.frames.float(), config.context_frames)}
+        predicted = to_image(outputs.logits, config.black)
+        stats = {"loss_sum": loss.detach().double() * n, "count": torch.tensor(n, device=outputs.frames.device),
+                 **forecast_stats(predicted, outputs.frames.float(), config.context_frames)}
+        if evaluating:  # every black level, for choosing one at export (not on training batches: it costs 7 more SSIMs)
+            stats.update(black_level_stats(outputs.logits, outputs.frames[:, config.context_frames :].float()))
+        return stats
 
     def summarize(self, stats: dict) -> dict:
         count = max(int(stats["count"]), 1)
@@ -308,12 +371,36 @@ class PredictTask(Task):
             if not prefix:
                 out["mse_per_step"] = [round(float(v), 3) for v in mse]
         out["mse_vs_copy_last"] = out["mse"] / out["copy_last_mse"] if out["copy_last_mse"] else float("nan")
+        if "black_level_mse" in stats:
+            out["mse_by_black_level"] = [float(v) / count for v in np.asarray(stats["black_level_mse"], dtype=np.float64)]
+            out["ssim_by_black_level"] = [float(v) / count for v in np.asarray(stats["black_level_ssim"], dtype=np.float64)]
         return out
 
+    def export_config(self, config: "ForecasterConfig", best_entry: dict) -> "ForecasterConfig":
+        """A black level left to choose (None) is chosen on the selected epoch's validation figures; 0
+        where they have none."""
+        from dataclasses import replace
+
+        if config.black_level is not None:
+            return config
+        mse, score = best_entry.get("val_mse_by_black_level"), best_entry.get("val_ssim_by_black_level")
+        return replace(config, black_level=choose_black_level(mse, score) if mse and score else 0.0)
+
     def evaluation(self, best_entry: dict, config: "ForecasterConfig") -> dict:
+        """The selected epoch's validation figures, the model's at ``config``'s black level (which the
+        epoch's own ``val_mse``/``val_ssim`` are not when it was chosen at export: the level sweep has them)."""
         keys = ("mse", "ssim", "copy_last_mse", "copy_last_ssim", "mean_frame_mse", "mean_frame_ssim", "mse_vs_copy_last",
                 "mse_per_step", "loss", "clips")
-        return {"epoch": best_entry.get("epoch"), **{k: best_entry.get(f"val_{k}") for k in keys}}
+        out = {"epoch": best_entry.get("epoch"), **{k: best_entry.get(f"val_{k}") for k in keys}, "black_level": config.black}
+        mse, score = best_entry.get("val_mse_by_black_level"), best_entry.get("val_ssim_by_black_level")
+        if mse and score and config.black in BLACK_LEVELS:
+            at = BLACK_LEVELS.index(config.black)
+            out.update({"raw_mse": mse[0], "raw_ssim": score[0], "mse": mse[at], "ssim": score[at], "black_levels": list(BLACK_LEVELS),
+                        "mse_by_black_level": mse, "ssim_by_black_level": score})
+            out["mse_per_step"] = None if at else out["mse_per_step"]  # by step: at the training-time level only
+            if out.get("copy_last_mse"):
+                out["mse_vs_copy_last"] = mse[at] / out["copy_last_mse"]
+        return out
 
     def write_report(self, model_uri: str, evaluation: dict, history: list, best_metrics: dict, config: "ForecasterConfig", model_id: str, *,
                      manifest_uri: str | None = None):

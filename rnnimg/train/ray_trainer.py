@@ -446,9 +446,11 @@ def _fit_and_export(job: tasks.Task, manifest_uri: str, out: str, name: str, run
             history = json.load(f)
     best_epoch = int(best_metrics.get("epoch", -1))
     best_entry = next((h for h in reversed(history) if h.get("epoch") == best_epoch), history[-1])
+    model_config = job.export_config(model_config, best_entry)
     summary = job.evaluation(best_entry, model_config)
     with best_checkpoint.as_directory() as directory:
-        model_id = export_checkpoint(directory, model_uri, best_metrics, history, evaluation=summary)
+        model_id = export_checkpoint(directory, model_uri, best_metrics, history, evaluation=summary,
+                                     config={"task": job.name, **job.config_to_dict(model_config)})
     report = job.write_report(model_uri, summary, history, best_metrics, model_config, model_id, manifest_uri=manifest_uri)
     return TrainResult(model_uri=model_uri, run_uri=run_uri, metrics=best_metrics, history=history,
                        report_uri=report.report_uri, evaluation=summary, report_markdown=report.markdown, task=job.name)
@@ -539,18 +541,22 @@ def _best(result, task: tasks.Task):
     return checkpoint_, dict(metrics)
 
 
-def export_checkpoint(checkpoint_dir: str, model_uri: str, metrics: dict, history: list, evaluation: dict | None = None) -> str:
+def export_checkpoint(checkpoint_dir: str, model_uri: str, metrics: dict, history: list, evaluation: dict | None = None,
+                      config: dict | None = None) -> str:
     """Export a Ray checkpoint folder's model with ``rnnimg.checkpoint.save``.
 
     Args:
         evaluation: the selected epoch's evaluation summary, stored in metrics.json.
+        config: the model config to export (with its ``task``), if not the checkpoint's (``Task.export_config``).
 
     Returns:
         The model id.
     """
     state = torch.load(os.path.join(checkpoint_dir, STATE), map_location="cpu", weights_only=True)
-    with open(os.path.join(checkpoint_dir, checkpoint.CONFIG)) as f:
-        config = json.load(f)
+    if config is None:
+        with open(os.path.join(checkpoint_dir, checkpoint.CONFIG)) as f:
+            config = json.load(f)
+    config = dict(config)
     with open(os.path.join(checkpoint_dir, checkpoint.LABELS)) as f:
         labels = json.load(f)
     with open(os.path.join(checkpoint_dir, TRAIN_CONFIG)) as f:
