@@ -321,6 +321,7 @@ def main(argv: list[str] | None = None) -> int:
     from rnnimg.storage import StorageError
     from rnnimg.store_lock import LockHeld, LockLost
 
+    ray_before = _ray_running()
     try:
         summary = _run(args)
     except (ValueError, FileNotFoundError, LabelError, ManifestError, StorageError, ClusterUnreachable, PermissionError, LockHeld,
@@ -328,8 +329,19 @@ def main(argv: list[str] | None = None) -> int:
         message = str(err).splitlines()[0] if str(err) else type(err).__name__
         print(f"rnnimg {args.command}: error: {message}", file=sys.stderr)
         return EXIT_USAGE
+    if not ray_before and _ray_running():
+        # Ray's log thread prints worker and raylet lines on stdout (a node lost mid-run, a retried task) until
+        # Ray stops; stopped first, the JSON summary is the last thing on stdout, for `| jq` and scripts.
+        import ray
+
+        ray.shutdown()
     print(json.dumps(summary, indent=2, default=str))
     return 0
+
+
+def _ray_running() -> bool:
+    """Whether this process is connected to Ray (without importing it when no command has)."""
+    return "ray" in sys.modules and sys.modules["ray"].is_initialized()
 
 
 if __name__ == "__main__":

@@ -76,3 +76,31 @@ def test_verbose_is_accepted_before_and_after_the_command():
     parser = build_parser()
     assert parser.parse_args(["-v", "synth", "x"]).verbose and parser.parse_args(["synth", "x", "-v"]).verbose
     assert not parser.parse_args(["synth", "x"]).verbose
+
+
+def test_a_ray_the_command_started_is_stopped_before_the_summary_so_stdout_ends_with_it(monkeypatch, capsys):
+    """Ray's log thread may print a raylet line on stdout at any time until Ray stops (the multi-node test met
+    one after the summary): the CLI stops a Ray it started first, and leaves one it found running alone."""
+    import json
+    import types
+
+    import rnnimg.cli as cli
+
+    state = {"running": False, "events": []}
+    fake = types.SimpleNamespace(is_initialized=lambda: state["running"],
+                                 shutdown=lambda: (state.update(running=False), print("(raylet) a late line"), state["events"].append("shutdown")))
+    monkeypatch.setitem(sys.modules, "ray", fake)
+
+    def run(args):
+        state["running"] = True  # as ensure_ray does
+        return {"videos": 1}
+
+    monkeypatch.setattr(cli, "_run", run)
+    assert cli.main(["synth", "/tmp/unused"]) == 0
+    out = capsys.readouterr().out
+    assert state["events"] == ["shutdown"] and out.index("(raylet) a late line") < out.index("{")
+    assert json.loads(out[out.index("{"):]) == {"videos": 1}
+
+    state.update(running=True, events=[])  # a Ray the caller had started (a notebook, a test's fixture) is theirs
+    assert cli.main(["synth", "/tmp/unused"]) == 0
+    assert state["events"] == [] and state["running"] and json.loads(capsys.readouterr().out) == {"videos": 1}
