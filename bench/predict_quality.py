@@ -334,10 +334,7 @@ def part_conditioned(args) -> None:
         # The black level its clips are drawn with, chosen on a validation draw as for the next-frame model.
         sweep = validation_sweep(fit["model"], config, args.val_sequences, seed=20_000 + int(conditioned))
         chosen = replace(config, black_level=choose_black_level(sweep["mse_by_black_level"], sweep["ssim_by_black_level"]))
-        model = task.build_model(chosen)
-        model.load_state_dict(fit["model"].state_dict())
-        model.eval()
-        checkpoint.save(os.path.join(args.out, f"{name}_model"), model.state_dict(), task.name, task.config_to_dict(chosen),
+        checkpoint.save(os.path.join(args.out, f"{name}_model"), fit["model"].state_dict(), task.name, task.config_to_dict(chosen),
                         labels=list(config.labels))
         recognised = {}
         for drawn in (chosen, config) if chosen.black_level else (chosen,):  # at the chosen level, and with none for the record
