@@ -55,6 +55,7 @@ class LabelParams(BaseModel):
     videos_per_shard: int = Field(LabelConfig.videos_per_shard, ge=1, le=100_000, description="videos committed together (the unit of resume)")
     batch_size: int = Field(LabelConfig.batch_size, ge=1, le=4096, description="clips per model call")
     actors: int = Field(LabelConfig.actors, ge=1, le=1024, description="model replicas in the Ray actor pool")
+    coordinators: int = Field(LabelConfig.coordinators, ge=1, le=1024, description="pipelines (Ray actors), each with a share of the shards and replicas")
     stride_seconds: float | None = Field(None, gt=0, description="distance between clip starts (default: the model's)")
     range_seconds: float = Field(LabelConfig.range_seconds, gt=0, description="seconds of video per decode task: longer videos are split into ranges, shorter ones packed")
     min_segment_seconds: float = Field(LabelConfig.min_segment_seconds, ge=0, description="shorter segments are absorbed by a neighbour")
@@ -65,7 +66,7 @@ class LabelParams(BaseModel):
     ray_address: str | None = Field(None, description="Ray cluster to use (default: RAY_ADDRESS, else a local Ray)")
 
     def label_config(self) -> LabelConfig:
-        return LabelConfig(videos_per_shard=self.videos_per_shard, batch_size=self.batch_size, actors=self.actors,
+        return LabelConfig(videos_per_shard=self.videos_per_shard, batch_size=self.batch_size, actors=self.actors, coordinators=self.coordinators,
                            stride_seconds=self.stride_seconds, range_seconds=self.range_seconds,
                            min_segment_seconds=self.min_segment_seconds, embeddings=self.embeddings)
 

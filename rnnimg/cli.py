@@ -193,6 +193,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="segments shorter than this are absorbed by a neighbouring segment (default 0: no smoothing)")
     p.add_argument("--batch-size", type=_positive_int, default=32, help="clips per model call (default 32)")
     p.add_argument("--actors", type=_positive_int, default=1, help="model replicas in the actor pool (default 1)")
+    p.add_argument("--coordinators", type=_positive_int, default=1,
+                   help="pipelines, each run by its own Ray actor for a share of the shards and of the replicas (at most --actors; "
+                        "default 1). The driver only waits: on a large cluster several coordinators spread the bookkeeping")
     p.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
                    help="model precision: bf16 (autocast on GPU; on CPU the weights in bf16, fast where the CPU has "
                         "AVX512-BF16 or AMX) or fp32; auto: bf16 on GPU, fp32 on CPU, as in training (default auto)")
@@ -277,7 +280,7 @@ def _run(args) -> dict:
         from rnnimg.label import LabelConfig, clip_accuracy, label
 
         config = LabelConfig(videos_per_shard=args.videos_per_shard, batch_size=args.batch_size, actors=args.actors,
-                             stride_seconds=args.stride_seconds, range_seconds=args.range_seconds,
+                             coordinators=args.coordinators, stride_seconds=args.stride_seconds, range_seconds=args.range_seconds,
                              min_segment_seconds=args.min_segment_seconds, precision=args.precision, embeddings=args.embeddings)
         extensions = [e.strip() for e in args.extensions.split(",") if e.strip()] if args.extensions else None
         result = label(args.videos, args.model, args.out, config, splits=args.splits, run_id=args.run_id, ray_address=args.ray_address,

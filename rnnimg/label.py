@@ -7,11 +7,15 @@ The data path:
     list the input -> deterministic shards -> probe headers, plan packs of work (Ray tasks)
         -> decode clips (a Ray task per pack, PyAV) -> Predictor (Ray actor pool, the model)
         -> part files of predicted rows, staged by the actors in the store
-        -> per-shard Parquet tables, committed atomically by a Ray task per shard
+        -> per-shard Parquet tables, committed atomically by committer actors
 
-The driver reads the listing, plans shards and counts small records (which clips of which
-video range are in which part, and each range's status): no clip row ever reaches it, so
-one driver keeps up with a cluster.
+The driver reads the listing and plans shards; the pipeline itself runs in coordinator
+actors (``LabelConfig.coordinators``, one by default), each over every k-th pending shard
+with its share of the model replicas: a coordinator runs Ray Data's executor and counts small
+records (which clips of which video range are in which part, and each range's status). No
+clip row reaches a coordinator and none of the pipeline runs in the driver, which starts the
+coordinators, shows their progress and waits; several coordinators spread the executor's
+work over several processes and nodes on a large cluster.
 
 Everything task-specific comes from the model: its ``config.json`` names its task
 (``rnnimg.tasks``), which says what the model adds to each clip row and which tables a shard
@@ -36,15 +40,17 @@ from __future__ import annotations
 import json
 import logging
 import os
+import resource
+import threading
 import time
 import uuid
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Iterator
 
 import numpy as np
 
 # torch stays out of this module's imports: the decode workers import it for its UDFs.
-from rnnimg import checkpoint, storage, tables, tasks
+from rnnimg import checkpoint, runtime, storage, tables, tasks
 from rnnimg.manifest import VideoRow, list_inputs, shards
 from rnnimg.models.precision import check_precision
 from rnnimg.progress import LabelProgress
@@ -61,6 +67,7 @@ class LabelConfig:
     videos_per_shard: int = 32  # videos committed together; the unit of resume and of driver memory
     batch_size: int = 32  # clips per model call
     actors: int = 1  # Predictor actors (model replicas)
+    coordinators: int = 1  # pipelines, each in its own actor with a share of the shards and replicas (at most ``actors``)
     actor_cpus: float | None = None  # CPUs reserved per Predictor actor (None: 1 with a GPU, else 0.25)
     gpus_per_actor: float = 0.0  # GPUs per Predictor actor (0: one per actor when the cluster has GPUs)
     decode_cpus: float = 0.75  # CPUs reserved per decode task (decoders are single-threaded)
@@ -72,10 +79,12 @@ class LabelConfig:
     embeddings: bool = False  # also write each clip's recurrent features (float16) in the task's embedding table
 
     def __post_init__(self) -> None:
-        for name in ("videos_per_shard", "batch_size", "actors"):
+        for name in ("videos_per_shard", "batch_size", "actors", "coordinators"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        if self.coordinators > self.actors:
+            raise ValueError(f"coordinators ({self.coordinators}) must be at most actors ({self.actors}): each runs at least one replica")
         if (self.actor_cpus is not None and self.actor_cpus <= 0) or self.decode_cpus <= 0:
             raise ValueError(f"actor_cpus and decode_cpus must be > 0, got {self.actor_cpus}, {self.decode_cpus}")
         if self.gpus_per_actor < 0:
@@ -496,6 +505,8 @@ class LabelResult:
     shards_skipped: int  # shards already committed by an earlier invocation
     seconds: float  # wall time of this invocation
     timings: dict  # seconds per phase of this invocation: plan (listing, model), pipeline, summary
+    coordinator_cpu_s: float = 0.0  # CPU seconds of the coordinator actors that ran the pipeline (the driver's is not in it)
+    coordinators_restarted: int = 0  # coordinators that finished in a restarted actor (their node was lost)
 
     def summary(self) -> dict:
         return asdict(self)
@@ -615,7 +626,6 @@ def _label_locked(videos: list[str], model: checkpoint.ExportedModel, task: task
                   listing: list[VideoRow] | None) -> LabelResult:
     """The body of ``label`` while this run holds the output's lock."""
     import ray
-    from ray.data import ActorPoolStrategy
 
     from rnnimg.runtime import ensure_ray
 
@@ -632,92 +642,294 @@ def _label_locked(videos: list[str], model: checkpoint.ExportedModel, task: task
     pending = [i for i in range(len(all_shards)) if i not in committed]
     log.info("run %s: %d videos in %d shards, %d already committed", run["run_id"], len(rows), len(all_shards), len(committed))
     timings = {"plan": time.perf_counter() - started}
-
+    coordinator_cpu_s, restarted = 0.0, 0
     if pending:
         # A run killed mid-write leaves temporaries next to the tables: clear them before redoing.
         for table in (*run_tables(task, run), "videos", "_commits"):
             storage.remove_temporaries(storage.join(out, table))
-        for shard in pending:  # parts an interrupted invocation staged: never read, since no record of this one names them
-            storage.delete(parts_folder(out, shard))
         ensure_ray(ray_address)
         if not storage.is_s3(out) and sum(1 for node in ray.nodes() if node.get("Alive")) > 1:
             log.warning("%s is a local folder and the Ray cluster has several nodes: the model actors and committers write "
                         "there on whichever node they run, so it must be a filesystem every node shares (else use s3://)", out)
-        import pyarrow as pa
-
-        # The pending videos as Arrow columns (a million URIs is tens of MB, not a million dicts).
-        items = pa.table({"shard": pa.array([i for i in pending for _ in all_shards[i]], pa.int64()),
-                          "video_uri": pa.array([row.video_uri for i in pending for row in all_shards[i]], pa.string()),
-                          "refused": pa.array([row.refused for i in pending for row in all_shards[i]], pa.string())})
-        resources = ray.cluster_resources()
-        gpus = config.gpus_per_actor
-        if gpus == 0 and resources.get("GPU", 0) >= 1:
-            gpus = 1.0
-        # On CPU the model is a small share of the work next to decoding: a quarter of a core
-        # reserved for it lets every core run a decoder (2 decoders + the model on 2 cores).
-        actor_cpus = config.actor_cpus if config.actor_cpus is not None else (1.0 if gpus else 0.25)
-        # Probe tasks open the headers of a block of videos each and emit packs of work: a long
-        # video cut into ranges, short videos grouped, about range_seconds per pack. Blocks are
-        # sized so that even a small archive makes a few packs per decoder.
-        decoders = max(1, int(resources.get("CPU", 1) // config.decode_cpus))
-        per_probe = max(1, min(64, -(-items.num_rows // (2 * decoders))))
-        # A block per batch of clips, so the model sees a task's clips while it still decodes
-        # (Ray Data's default would gather up to 128 MiB of them first). The dataset keeps its own
-        # copy of the context, taken when it is created; the caller's is restored.
-        context = ray.data.DataContext.get_current()
-        saved_block_size = context.target_max_block_size
-        frame_bytes = spec.frames_per_clip * model_config.frame_size**2 * 3
-        context.target_max_block_size = max(64 * 1024, int(0.9 * config.batch_size * frame_bytes))
-        try:
-            ds = ray.data.from_arrow([items.slice(start, per_probe) for start in range(0, items.num_rows, per_probe)])
-        finally:
-            context.target_max_block_size = saved_block_size
-        ds = ds.map_batches(plan_videos, batch_size=None,
-                            fn_kwargs={"spec": spec.to_dict(), "range_seconds": config.range_seconds, "stills": stills},
-                            num_cpus=config.decode_cpus)
-        # One pack per block, streaming (no barrier): each pack is its own decode task.
-        ds = ds.repartition(target_num_rows_per_block=1)
-        ds = ds.map_batches(
-            decode_pack,
-            batch_size=1,
-            fn_kwargs={"spec": spec.to_dict(), "frame_size": model_config.frame_size, "clips_per_batch": config.batch_size},
-            num_cpus=config.decode_cpus,
-            # Reserving memory for the decoder also keeps decoding in its own tasks: with remote
-            # args equal to the actors', Ray Data fuses it into them (one decoder per replica).
-            memory=config.decode_memory_mb * 1024 * 1024,
-        )
-        ds = ds.map_batches(
-            Predictor,
-            fn_constructor_kwargs={"model_uri": model_uri, "threads": max(1, int(actor_cpus)), "precision": config.precision,
-                                   "parts_out": out, "embeddings": config.embeddings},
-            compute=ActorPoolStrategy(size=config.actors),
-            batch_size=config.batch_size,
-            num_cpus=actor_cpus,
-            num_gpus=gpus,
-        )
-        # Each shard is committed on the workers, from the parts the model actors staged, by a
-        # few long-lived committer actors (a task per shard would start a worker process per
-        # commit): the driver only counts records. A committer lost with its node is restarted
-        # and its call retried; a commit is idempotent.
-        committers = [_committer_class().options(num_cpus=0.05, max_restarts=-1, max_task_retries=3).remote()
-                      for _ in range(max(1, config.actors))]
-        turn = iter(range(1 << 62))
-
-        def submit(*args):
-            return committers[next(turn) % len(committers)].commit.remote(*args)
-
-        commit_stream(ds.iter_batches(batch_size=None, batch_format="numpy"), out, run, task, all_shards, pending,
-                      config.min_segment_seconds, lock, submit=submit)
-        for committer in committers:
-            ray.kill(committer)
+        job = {"out": out, "run": run, "task": task.name, "model_uri": model_uri, "frame_size": model_config.frame_size,
+               "spec": spec.to_dict(), "config": config, "stills": stills, "fence": lock.fence(), "verbose": runtime.verbose()}
+        coordinator_cpu_s, restarted = coordinate(job, {i: all_shards[i] for i in pending}, lock)
 
     timings["pipeline"] = time.perf_counter() - started - timings["plan"]
-    result = _summarize(out, run, task, rows, left_out, len(pending), len(committed), started, timings)
+    result = replace(_summarize(out, run, task, rows, left_out, len(pending), len(committed), started, timings),
+                     coordinator_cpu_s=round(coordinator_cpu_s, 3), coordinators_restarted=restarted)
     storage.write_json(
         storage.join(out, "run.json"),
         {**result.summary(), "model_uri": model_uri, "clip_spec": spec.to_dict(), "label_config": asdict(config), "finished_at": time.time()},
     )
     return result
+
+
+# ----------------------------------------------------------------------------- coordinators
+
+
+class Tally:
+    """``LabelProgress``'s counts, kept by a coordinator for the driver to read (``snapshot``)."""
+
+    FIELDS = ("videos_done", "clips_done", "shards_done", "videos_committed", "clips_committed")
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self.counts = dict.fromkeys(self.FIELDS, 0)
+
+    def video_done(self, clips: int) -> None:
+        with self._lock:
+            self.counts["videos_done"] += 1
+            self.counts["clips_done"] += clips
+
+    def shard_committed(self, videos: int, clips: int) -> None:
+        with self._lock:
+            self.counts["shards_done"] += 1
+            self.counts["videos_committed"] += videos
+            self.counts["clips_committed"] += clips
+
+    def close(self) -> None:
+        pass
+
+    def snapshot(self) -> dict:
+        with self._lock:
+            return dict(self.counts)
+
+
+class _Fenced:
+    """The output's lock as a coordinator holds it: the driver's fence, checked before each commit."""
+
+    def __init__(self, fence):
+        self._fence = fence
+
+    def check(self) -> None:
+        self._fence.check()
+
+    def fence(self):
+        return self._fence
+
+
+def run_share(job: dict, share: dict[int, list[VideoRow]], actors: int, cpu_share: float = 1.0,
+              progress: LabelProgress | Tally | None = None) -> int:
+    """Label and commit the shards of ``share`` that have no completion record: the Ray Data pipeline
+    and the records that follow it, in this process (a coordinator actor, see ``coordinate``).
+
+    Args:
+        job: what every coordinator of the run shares (``_label_locked`` makes it).
+        share: shard index -> its videos.
+        actors: model replicas of this pipeline.
+        cpu_share: the share of the cluster's CPUs (and GPUs) this pipeline's executor plans with
+            (1: all; with several coordinators each takes its part, else each would plan the whole cluster).
+        progress: told of each video labelled and each shard committed.
+
+    Returns:
+        How many shards this call committed.
+    """
+    import pyarrow as pa
+    import ray
+    from ray.data import ActorPoolStrategy, ExecutionResources
+
+    runtime.quiet_ray_data()
+    out, config, spec = job["out"], job["config"], ClipSpec(**job["spec"])
+    committed = _committed_shards(out)
+    pending = [i for i in sorted(share) if i not in committed]  # a coordinator restarted with its node: what is left
+    if not pending:
+        return 0
+    for shard in pending:  # parts an interrupted attempt staged: never read, since no record of this one names them
+        storage.delete(parts_folder(out, shard))
+    # The pending videos as Arrow columns (a million URIs is tens of MB, not a million dicts).
+    items = pa.table({"shard": pa.array([i for i in pending for _ in share[i]], pa.int64()),
+                      "video_uri": pa.array([row.video_uri for i in pending for row in share[i]], pa.string()),
+                      "refused": pa.array([row.refused for i in pending for row in share[i]], pa.string())})
+    resources = ray.cluster_resources()
+    gpus = config.gpus_per_actor
+    if gpus == 0 and resources.get("GPU", 0) >= 1:
+        gpus = 1.0
+    # On CPU the model is a small share of the work next to decoding: a quarter of a core
+    # reserved for it lets every core run a decoder (2 decoders + the model on 2 cores).
+    actor_cpus = config.actor_cpus if config.actor_cpus is not None else (1.0 if gpus else 0.25)
+    # Probe tasks open the headers of a block of videos each and emit packs of work: a long
+    # video cut into ranges, short videos grouped, about range_seconds per pack. Blocks are
+    # sized so that even a small archive makes a few packs per decoder.
+    decoders = max(1, int(resources.get("CPU", 1) * cpu_share // config.decode_cpus))
+    per_probe = max(1, min(64, -(-items.num_rows // (2 * decoders))))
+    # A block per batch of clips, so the model sees a task's clips while it still decodes
+    # (Ray Data's default would gather up to 128 MiB of them first). The dataset keeps its own
+    # copy of the context, taken when it is created; the caller's is restored.
+    context = ray.data.DataContext.get_current()
+    saved = context.target_max_block_size, context.execution_options.resource_limits
+    frame_bytes = spec.frames_per_clip * job["frame_size"] ** 2 * 3
+    context.target_max_block_size = max(64 * 1024, int(0.9 * config.batch_size * frame_bytes))
+    if cpu_share < 1:
+        context.execution_options.resource_limits = ExecutionResources(
+            cpu=resources.get("CPU", 1) * cpu_share, gpu=resources.get("GPU", 0) * cpu_share or None)
+    try:
+        ds = ray.data.from_arrow([items.slice(start, per_probe) for start in range(0, items.num_rows, per_probe)])
+    finally:
+        context.target_max_block_size, context.execution_options.resource_limits = saved
+    ds = ds.map_batches(plan_videos, batch_size=None,
+                        fn_kwargs={"spec": spec.to_dict(), "range_seconds": config.range_seconds, "stills": job["stills"]},
+                        num_cpus=config.decode_cpus)
+    # One pack per block, streaming (no barrier): each pack is its own decode task.
+    ds = ds.repartition(target_num_rows_per_block=1)
+    ds = ds.map_batches(
+        decode_pack,
+        batch_size=1,
+        fn_kwargs={"spec": spec.to_dict(), "frame_size": job["frame_size"], "clips_per_batch": config.batch_size},
+        num_cpus=config.decode_cpus,
+        # Reserving memory for the decoder also keeps decoding in its own tasks: with remote
+        # args equal to the actors', Ray Data fuses it into them (one decoder per replica).
+        memory=config.decode_memory_mb * 1024 * 1024,
+    )
+    ds = ds.map_batches(
+        Predictor,
+        fn_constructor_kwargs={"model_uri": job["model_uri"], "threads": max(1, int(actor_cpus)), "precision": config.precision,
+                               "parts_out": out, "embeddings": config.embeddings},
+        compute=ActorPoolStrategy(size=actors),
+        batch_size=config.batch_size,
+        num_cpus=actor_cpus,
+        num_gpus=gpus,
+    )
+    # Each shard is committed on the workers, from the parts the model actors staged, by a
+    # few long-lived committer actors (a task per shard would start a worker process per
+    # commit): this process only counts records. A committer lost with its node is restarted
+    # and its call retried; a commit is idempotent.
+    committers = [_committer_class().options(num_cpus=0.05, max_restarts=-1, max_task_retries=3).remote() for _ in range(actors)]
+    turn = iter(range(1 << 62))
+
+    def submit(*args):
+        return committers[next(turn) % len(committers)].commit.remote(*args)
+
+    try:
+        done = commit_stream(ds.iter_batches(batch_size=None, batch_format="numpy"), out, job["run"], tasks.get(job["task"]), share,
+                             pending, config.min_segment_seconds, _Fenced(job["fence"]), submit=submit, progress=progress)
+    finally:
+        for committer in committers:
+            ray.kill(committer)
+    return len(done)
+
+
+def _coordinator_class():
+    import ray
+
+    @ray.remote
+    class LabelCoordinator:
+        """Runs ``run_share`` for a share of a run's shards, so that no pipeline runs in the driver.
+
+        Threaded (``max_concurrency`` 2): ``tally`` answers while ``run`` works.
+        """
+
+        def __init__(self, verbose: bool):
+            runtime.set_verbose(verbose)
+            self.progress = Tally()
+
+        def run(self, job: dict, share: dict, actors: int, cpu_share: float) -> dict:
+            before = resource.getrusage(resource.RUSAGE_SELF)
+            shards = run_share(job, share, actors, cpu_share, self.progress)
+            after = resource.getrusage(resource.RUSAGE_SELF)
+            return {"shards": shards, "cpu_s": (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime),
+                    "tally": self.progress.snapshot(), "restarted": ray.get_runtime_context().was_current_actor_reconstructed}
+
+        def tally(self) -> dict:
+            return self.progress.snapshot()
+
+    return LabelCoordinator
+
+
+COORDINATOR_RESTARTS = 4  # a coordinator lost (with its node) more often than this fails the run
+
+
+def coordinator_name(run_id: str, index: int) -> str:
+    """The Ray actor name of a run's ``index``-th coordinator."""
+    return f"rnnimg-label-{run_id}-coordinator-{index}"
+
+
+def coordinate(job: dict, pending: dict[int, list[VideoRow]], lock: StoreLock, progress: LabelProgress | None = None,
+               poll_s: float = 1.0) -> tuple[float, int]:
+    """Label and commit the ``pending`` shards with ``job["config"].coordinators`` coordinator actors.
+
+    Each coordinator runs the Ray Data pipeline and follows its records (``run_share``) for a
+    share of the shards (every k-th), with its share of the model replicas and of the cluster's
+    CPUs; the driver only starts them, shows their progress and waits. So the driver's cost does
+    not grow with the job, and the pipelines' bookkeeping spreads over k processes (and nodes)
+    instead of one. A coordinator lost with its node is restarted and redoes what it had not
+    committed (``run_share`` skips committed shards); the driver's lock fences every commit.
+
+    Returns:
+        The CPU seconds the coordinators spent (their processes, summed), and how many of them
+        finished in a restarted actor.
+
+    Raises:
+        LockLost: another run took the output over.
+        The error that stopped a coordinator (the exception raised in it).
+    """
+    import ray
+
+    config = job["config"]
+    order = sorted(pending)
+    k = max(1, min(config.coordinators, config.actors, len(order)))
+    shares = [{i: pending[i] for i in order[c::k]} for c in range(k)]
+    if progress is None:
+        progress = LabelProgress(sum(len(rows) for rows in pending.values()), len(pending))
+    Coordinator = _coordinator_class()
+    # Named after the run, so an operator can find them (``ray list actors``); they end with this call.
+    coordinators = [Coordinator.options(name=coordinator_name(job["run"]["run_id"], c), num_cpus=0, max_concurrency=2,
+                                        max_restarts=2 * COORDINATOR_RESTARTS, max_task_retries=COORDINATOR_RESTARTS,
+                                        scheduling_strategy="SPREAD").remote(job["verbose"]) for c in range(k)]
+
+    def start(c: int):
+        return coordinators[c].run.remote(job, shares[c], config.actors // k + (c < config.actors % k), 1.0 / k)
+
+    running = {start(c): c for c in range(k)}
+    lost = [0] * k  # times each coordinator was found unreachable and restarted
+    asked: dict = {}  # tally call in flight -> coordinator
+    tallies = [dict.fromkeys(Tally.FIELDS, 0) for _ in range(k)]
+    cpu_s, restarted = 0.0, 0
+    try:
+        while running:
+            for c in set(running.values()) - set(asked.values()):
+                asked[coordinators[c].tally.remote()] = c
+            finished, _ = ray.wait(list(running), num_returns=len(running), timeout=poll_s)
+            for ref in finished:
+                c = running.pop(ref)
+                try:
+                    done = ray.get(ref)
+                except ray.exceptions.RayTaskError as err:
+                    raise (err.cause if isinstance(err.cause, Exception) else err) from None
+                except ray.exceptions.ActorUnavailableError:
+                    # Its node went away as the call ran (Ray does not retry a call that "may or may not have
+                    # run"). Restart it for certain, so no earlier call of it still works on its share, and
+                    # run its share again: what it committed is skipped.
+                    lost[c] += 1
+                    if lost[c] > COORDINATOR_RESTARTS:
+                        raise
+                    log.warning("coordinator %d of run %s was unreachable: restarting it (%d of %d)", c, job["run"]["run_id"], lost[c],
+                                COORDINATOR_RESTARTS)
+                    ray.kill(coordinators[c], no_restart=False)
+                    for stale in [r for r, asked_of in asked.items() if asked_of == c]:  # would answer never or late
+                        asked.pop(stale)
+                    running[start(c)] = c
+                    continue
+                cpu_s += done["cpu_s"]
+                restarted += done["restarted"]
+                tallies[c] = done["tally"]
+            answered, _ = ray.wait(list(asked), num_returns=len(asked), timeout=0)
+            for ref in answered:
+                c = asked.pop(ref)
+                if c not in running.values():
+                    continue  # its final count came with its result
+                try:
+                    tallies[c] = ray.get(ref)
+                except ray.exceptions.RayError:
+                    continue  # a coordinator being restarted: its count comes later
+            progress.update(**{name: sum(t[name] for t in tallies) for name in Tally.FIELDS})
+            if lock.lost:
+                lock.check()
+    finally:
+        for coordinator in coordinators:
+            ray.kill(coordinator)
+    progress.close()
+    return cpu_s, restarted
 
 
 def _committed_shards(out: str) -> set[int]:

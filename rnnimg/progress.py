@@ -262,6 +262,22 @@ class LabelProgress:
         self.display.line(f"label shard {self.shards_done}/{self.shards} committed: {self.videos_committed} videos; "
                           f"{self.videos_done}/{self.videos} labelled, {self.clips_done} clips, {self._pace()}")
 
+    def update(self, videos_done: int, clips_done: int, shards_done: int, videos_committed: int, clips_committed: int) -> None:
+        """Counts kept elsewhere (the label job's coordinators), as totals so far: redraws, or off a
+        terminal writes a line when more shards are committed. A total that went down (a coordinator
+        restarted and counts again) is ignored until it passes the one shown."""
+        if videos_done > self.videos_done:
+            self.videos_done, self.clips_done = min(videos_done, self.videos), max(self.clips_done, clips_done)
+            self.display.draw(self.text())
+        if shards_done > self.shards_done:
+            self.shards_done = min(shards_done, self.shards)
+            self.videos_committed, self.clips_committed = max(self.videos_committed, videos_committed), max(self.clips_committed, clips_committed)
+            if self.display.terminal:
+                self.display.draw(self.text())
+                return
+            self.display.line(f"label shard {self.shards_done}/{self.shards} committed: {self.videos_committed} videos; "
+                              f"{self.videos_done}/{self.videos} labelled, {self.clips_done} clips, {self._pace()}")
+
     def close(self) -> None:
         if self.display.terminal:
             elapsed = self.display.elapsed()

@@ -87,6 +87,40 @@ def quiet_ray_data() -> None:
             handler.addFilter(_ErrorsOnly())
 
 
+# Lines Ray's worker processes print on stderr that are notices about Ray itself, not errors of the
+# job. A quiet run keeps them off the driver's console (the workers' log files keep them).
+WORKER_NOTICES = (
+    # Ray core, logged at ERROR by the process that creates Ray Data's actor pool (the label job's
+    # coordinator actor) for each replica: restarting an actor whose constructor arguments are in
+    # the object store may fail if they are lost. Ray Data replaces lost replicas itself.
+    r"has constructor arguments in the object store and max_restarts > 0",
+)
+
+
+def quiet_worker_notices() -> None:
+    """Keep ``WORKER_NOTICES`` out of what the driver prints of its workers' output, unless verbose.
+
+    Ray's driver passes every forwarded worker line through its log deduplicator, whose skip
+    pattern (``RAY_DEDUP_LOGS_SKIP_REGEX``, read when Ray is imported) drops lines. A pattern the
+    user set is left alone; with ``RAY_DEDUP_LOGS=0`` nothing is filtered.
+    """
+    import re
+
+    try:
+        from ray._private import ray_logging
+    except ImportError:  # a Ray without it: its output stays as it is
+        return
+    dedup = getattr(ray_logging, "stderr_deduplicator", None)
+    if dedup is None or not hasattr(dedup, "skip_re"):
+        return
+    ours = re.compile("|".join(WORKER_NOTICES))
+    if verbose():
+        if dedup.skip_re is not None and dedup.skip_re.pattern == ours.pattern:
+            dedup.skip_re = None
+    elif dedup.skip_re is None:
+        dedup.skip_re = ours
+
+
 class ClusterUnreachable(RuntimeError):
     """``RAY_ADDRESS`` (or the address given) names a cluster that cannot be reached."""
 
@@ -128,6 +162,7 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None, object_s
     import ray
 
     quiet_ray_data()
+    quiet_worker_notices()
     if ray.is_initialized():
         return
     # The driver's own ``ray`` loggers; a quiet run shows errors only (e.g. no "token authentication" notice).

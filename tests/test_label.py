@@ -206,9 +206,61 @@ def test_two_model_replicas_and_small_batches_give_the_rows_of_one(ray_local, lo
 
     one = label(long_videos, untrained_model, str(tmp_path / "one"), LabelConfig(actors=1, batch_size=3, videos_per_shard=2))
     two = label(long_videos, untrained_model, str(tmp_path / "two"), LabelConfig(actors=2, batch_size=3, videos_per_shard=2, range_seconds=8.0))
-    assert one.clips == two.clips == 6 * 10 and one.ok == two.ok == 6
+    # Two pipelines, each in its coordinator actor with one replica and every other shard.
+    split = label(long_videos, untrained_model, str(tmp_path / "split"), LabelConfig(actors=2, coordinators=2, batch_size=3, videos_per_shard=2))
+    assert one.clips == two.clips == split.clips == 6 * 10 and one.ok == two.ok == split.ok == 6
+    assert split.shards_done == 3 and split.coordinator_cpu_s > 0 and split.coordinators_restarted == 0
     for table, key in (("clips", ["video_uri", "clip_index"]), ("videos", ["video_uri"]), ("segments", ["video_uri", "start_s"])):
         pd.testing.assert_frame_equal(rows(str(tmp_path / "one"), table, key), rows(str(tmp_path / "two"), table, key))
+        pd.testing.assert_frame_equal(rows(str(tmp_path / "one"), table, key), rows(str(tmp_path / "split"), table, key))
+
+
+def test_more_coordinators_than_replicas_is_refused():
+    with pytest.raises(ValueError, match=r"coordinators \(3\) must be at most actors \(2\)"):
+        LabelConfig(actors=2, coordinators=3)
+
+
+def test_a_coordinator_killed_mid_run_is_restarted_and_finishes_its_shards(ray_local, tiny_archive, untrained_model, tmp_path):
+    import threading
+
+    from rnnimg.label import coordinator_name
+
+    root, _ = tiny_archive
+    videos = os.path.join(root, "videos")
+    config = LabelConfig(videos_per_shard=1, batch_size=4)
+    whole = label(videos, untrained_model, str(tmp_path / "whole"), config)
+    out = str(tmp_path / "killed")
+    result, errors = [], []
+    job = threading.Thread(target=lambda: _catch(errors, lambda: result.append(label(videos, untrained_model, out, config, run_id="k"))))
+    job.start()
+    commits = os.path.join(out, "_commits")
+    deadline = time.monotonic() + 120
+    while job.is_alive() and time.monotonic() < deadline and not (os.path.isdir(commits) and len(os.listdir(commits)) >= 2):
+        time.sleep(0.05)
+    assert job.is_alive(), "the run ended before its coordinator could be killed"
+    committed_before = len(os.listdir(commits))
+    ray_local.kill(ray_local.get_actor(coordinator_name("k", 0)), no_restart=False)  # as if its node had gone
+    job.join(timeout=300)
+    assert not errors, errors
+    assert committed_before < whole.shards_done
+    assert (result[0].videos, result[0].ok, result[0].clips) == (whole.videos, whole.ok, whole.clips)
+    assert result[0].coordinators_restarted == 1 and whole.coordinators_restarted == 0
+    for table, key in (("clips", ["video_uri", "clip_index"]), ("videos", ["video_uri"])):
+        killed = _rows(out, table, key)
+        assert not killed.duplicated(key).any()
+        pd.testing.assert_frame_equal(_rows(str(tmp_path / "whole"), table, key), killed)
+
+
+def _rows(out: str, table: str, key: list[str]) -> pd.DataFrame:
+    frame = pads.dataset(os.path.join(out, table)).to_table().to_pandas().drop(columns=["run_id"])
+    return frame.sort_values(key).reset_index(drop=True)
+
+
+def _catch(errors: list, fn) -> None:
+    try:
+        fn()
+    except Exception as err:  # noqa: BLE001 - reported by the test
+        errors.append(err)
 
 
 def test_manifest_input_with_split_filter_and_accuracy(ray_local, tiny_archive, untrained_model, tmp_path):

@@ -54,6 +54,25 @@ def test_rates_eta_and_durations():
     assert bar(7.0, 10) == bar(1.0, 10) and bar(-1, 10) == bar(0, 10)
 
 
+def test_label_progress_from_coordinators_totals_writes_a_line_when_shards_commit_and_never_goes_back():
+    clock = FakeClock()
+    display = plain(clock)
+    shown = LabelProgress(videos=5, shards=3, display=display)
+    clock.now += 1.0
+    shown.update(videos_done=3, clips_done=6, shards_done=0, videos_committed=0, clips_committed=0)
+    assert lines(display) == []  # videos alone write nothing
+    clock.now += 2.0
+    shown.update(videos_done=4, clips_done=8, shards_done=2, videos_committed=4, clips_committed=8)
+    # A restarted coordinator counts from zero again: the totals shown stay.
+    shown.update(videos_done=1, clips_done=2, shards_done=1, videos_committed=1, clips_committed=2)
+    clock.now += 1.0
+    shown.update(videos_done=5, clips_done=10, shards_done=3, videos_committed=5, clips_committed=10)
+    assert lines(display) == [
+        "label shard 2/3 committed: 4 videos; 4/5 labelled, 8 clips, 2.7 clips/s, ETA 0:01",  # 0.75 s left
+        "label shard 3/3 committed: 5 videos; 5/5 labelled, 10 clips, 2.5 clips/s, ETA 0:00",
+    ]
+
+
 def test_label_progress_off_a_terminal_is_one_line_per_committed_shard():
     clock = FakeClock()
     display = plain(clock)
