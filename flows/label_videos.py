@@ -32,7 +32,7 @@ from flowkit import Location, artifact_key, location_link, markdown_table, run_l
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from rnnimg import checkpoint, label_runs, storage
 from rnnimg.label import LabelConfig, LabelResult, clip_accuracy, label
@@ -64,6 +64,12 @@ class LabelParams(BaseModel):
     extensions: list[str] | None = Field(None, description="file extensions that are videos in a folder listing (default: FFmpeg's video demuxers')")
     embeddings: bool = Field(False, description="also write each clip's recurrent features (float16) into the clips table")
     ray_address: str | None = Field(None, description="Ray cluster to use (default: RAY_ADDRESS, else a local Ray)")
+
+    @model_validator(mode="after")
+    def _coordinators_have_replicas(self) -> "LabelParams":
+        if self.coordinators > self.actors:
+            raise ValueError(f"coordinators ({self.coordinators}) must be at most actors ({self.actors}): each runs at least one replica")
+        return self
 
     def label_config(self) -> LabelConfig:
         return LabelConfig(videos_per_shard=self.videos_per_shard, batch_size=self.batch_size, actors=self.actors, coordinators=self.coordinators,

@@ -71,6 +71,7 @@ def test_parameters_refuse_bad_values_with_what_was_given():
         (LabelParams, {"videos": ["{{ $RNNIMG_STORE }}/v"], "model": "/m", "out": "/o"}, "unresolved prefect.yaml placeholder"),
         (LabelParams, {"videos": ["/v"], "model": "/m", "out": "s3://"}, "has no bucket"),
         (LabelParams, {"videos": ["/v"], "model": "/m", "out": "/o", "lock_stale_seconds": 1}, "greater than or equal to 30"),
+        (LabelParams, {"videos": ["/v"], "model": "/m", "out": "/o", "actors": 2, "coordinators": 3}, "coordinators (3) must be at most actors (2)"),
         (ReportParams, {"labels": "/l", "out": "/r", "threshold": 1.5}, "threshold\n  Input should be less than or equal to 1"),
     ]
     for model, values, message in cases:

@@ -256,6 +256,31 @@ def _rows(out: str, table: str, key: list[str]) -> pd.DataFrame:
     return frame.sort_values(key).reset_index(drop=True)
 
 
+def test_a_run_whose_lock_is_taken_over_stops_with_lock_lost_from_its_coordinator(ray_local, tiny_archive, untrained_model, tmp_path):
+    """The coordinator checks the driver's fence before each commit: another run's newer lock stops it, and
+    the driver raises the coordinator's LockLost (not a Ray wrapper of it)."""
+    import threading
+
+    from rnnimg.store_lock import LockLost
+
+    root, _ = tiny_archive
+    out = str(tmp_path / "labels")
+    errors, results = [], []
+    job = threading.Thread(target=lambda: _catch(errors, lambda: results.append(
+        label(os.path.join(root, "videos"), untrained_model, out, LabelConfig(videos_per_shard=1, batch_size=1)))))
+    job.start()
+    commits = os.path.join(out, "_commits")
+    deadline = time.monotonic() + 120
+    while job.is_alive() and time.monotonic() < deadline and not (os.path.isdir(commits) and os.listdir(commits)):
+        time.sleep(0.05)
+    assert job.is_alive(), "the run ended before its lock could be taken"
+    generations = sorted(int(n[5:-5]) for n in os.listdir(os.path.join(out, "_lock")) if n.startswith("lock-"))
+    storage.write_json(os.path.join(out, "_lock", f"lock-{generations[-1] + 1:08d}.json"), {"owner": "another run", "token": "theirs"})
+    job.join(timeout=300)
+    assert not results and len(errors) == 1 and type(errors[0]) is LockLost, errors
+    assert len(os.listdir(commits)) < 14  # 14 videos, one per shard: the run stopped short
+
+
 def _catch(errors: list, fn) -> None:
     try:
         fn()
