@@ -44,6 +44,7 @@ import resource
 import threading
 import time
 import uuid
+import warnings
 from dataclasses import asdict, dataclass, replace
 from typing import Iterator
 
@@ -827,8 +828,11 @@ def _coordinator_class():
             before = resource.getrusage(resource.RUSAGE_SELF)
             shards = run_share(job, share, actors, cpu_share, self.progress)
             after = resource.getrusage(resource.RUSAGE_SELF)
+            with warnings.catch_warnings():  # Ray 2.60's property reads its own deprecated ``actor_id`` and warns
+                warnings.simplefilter("ignore", DeprecationWarning)
+                restarted = ray.get_runtime_context().was_current_actor_reconstructed
             return {"shards": shards, "cpu_s": (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime),
-                    "tally": self.progress.snapshot(), "restarted": ray.get_runtime_context().was_current_actor_reconstructed}
+                    "tally": self.progress.snapshot(), "restarted": restarted}
 
         def tally(self) -> dict:
             return self.progress.snapshot()

@@ -58,6 +58,21 @@ def test_label_refuses_an_empty_folder(tmp_path, untrained_model):
     assert "no videos found" in result.stderr and "Traceback" not in result.stderr
 
 
+def test_a_quiet_label_run_shows_only_its_progress_lines_nothing_of_its_coordinators(tmp_path, untrained_model):
+    """The pipeline runs in coordinator actors whose output Ray forwards to the driver's console: a quiet
+    run (the default) must show none of Ray's notices from them, only rnnimg's progress and the summary."""
+    import json
+
+    made = run("synth", str(tmp_path / "archive"), "--videos", "4", "--unlabelled", "0", "--seconds", "1", "--fps", "4")
+    assert made.returncode == 0, made.stderr
+    result = run("label", str(tmp_path / "archive" / "videos"), "--model", untrained_model, "--out", str(tmp_path / "out"),
+                 "--videos-per-shard", "2", "--actors", "2", "--coordinators", "2")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["ok"] == 4
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert lines and all(line.startswith("label shard ") for line in lines), result.stderr
+
+
 def test_progress_goes_to_stderr_as_plain_lines_and_stdout_stays_json(tmp_path):
     """Off a terminal (a pipe here): synth writes one plain progress line on stderr, the JSON summary alone on stdout."""
     import json
