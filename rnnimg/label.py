@@ -840,12 +840,39 @@ def _coordinator_class():
     return LabelCoordinator
 
 
-COORDINATOR_RESTARTS = 4  # a coordinator lost (with its node) more often than this fails the run
+COORDINATOR_RESTARTS = 4  # a coordinator whose work was lost (with a node) more often than this fails the run
+
+
+def _lost_with_a_node() -> tuple[type, ...]:
+    import ray.exceptions as errors
+
+    # An actor died or is unreachable, an object or its owner is gone, a worker process crashed.
+    return errors.RayActorError, errors.ObjectLostError, errors.WorkerCrashedError, errors.NodeDiedError
 
 
 def coordinator_name(run_id: str, index: int) -> str:
     """The Ray actor name of a run's ``index``-th coordinator."""
     return f"rnnimg-label-{run_id}-coordinator-{index}"
+
+
+def _ray_data_singletons_here() -> None:
+    """Create Ray Data's per-cluster actors from the driver, so that they live on the driver's node.
+
+    Ray Data keeps two detached actors per cluster, its stats actor and its autoscaling
+    coordinator, pinned (hard) to the node of the first process that runs a pipeline. Made by a
+    coordinator on a worker node, they die with that node and cannot be restarted elsewhere: every
+    later pipeline of the cluster then fails ("The node specified via NodeAffinitySchedulingStrategy
+    doesn't exist any more", met in ``test_multinode.py``). Made here, they sit where they sat
+    when the driver ran the pipeline itself. Ray versions without these functions are left alone.
+    """
+    try:
+        from ray.data._internal.cluster_autoscaler import get_or_create_autoscaling_coordinator
+        from ray.data._internal.stats import get_or_create_stats_actor
+    except ImportError as err:
+        log.debug("Ray Data's per-cluster actors are left to the coordinators: %s", err)
+        return
+    get_or_create_stats_actor()
+    get_or_create_autoscaling_coordinator()
 
 
 def coordinate(job: dict, pending: dict[int, list[VideoRow]], lock: StoreLock, progress: LabelProgress | None = None,
@@ -875,6 +902,7 @@ def coordinate(job: dict, pending: dict[int, list[VideoRow]], lock: StoreLock, p
     shares = [{i: pending[i] for i in order[c::k]} for c in range(k)]
     if progress is None:
         progress = LabelProgress(sum(len(rows) for rows in pending.values()), len(pending))
+    _ray_data_singletons_here()
     Coordinator = _coordinator_class()
     # Named after the run, so an operator can find them (``ray list actors``); they end with this call.
     coordinators = [Coordinator.options(name=coordinator_name(job["run"]["run_id"], c), num_cpus=0, max_concurrency=2,
@@ -885,7 +913,7 @@ def coordinate(job: dict, pending: dict[int, list[VideoRow]], lock: StoreLock, p
         return coordinators[c].run.remote(job, shares[c], config.actors // k + (c < config.actors % k), 1.0 / k)
 
     running = {start(c): c for c in range(k)}
-    lost = [0] * k  # times each coordinator was found unreachable and restarted
+    lost = [0] * k  # times each coordinator's work was lost with a node and its share started again
     asked: dict = {}  # tally call in flight -> coordinator
     tallies = [dict.fromkeys(Tally.FIELDS, 0) for _ in range(k)]
     cpu_s, restarted = 0.0, 0
@@ -898,17 +926,17 @@ def coordinate(job: dict, pending: dict[int, list[VideoRow]], lock: StoreLock, p
                 c = running.pop(ref)
                 try:
                     done = ray.get(ref)
-                except ray.exceptions.RayTaskError as err:
-                    raise (err.cause if isinstance(err.cause, Exception) else err) from None
-                except ray.exceptions.ActorUnavailableError:
-                    # Its node went away as the call ran (Ray does not retry a call that "may or may not have
-                    # run"). Restart it for certain, so no earlier call of it still works on its share, and
-                    # run its share again: what it committed is skipped.
+                except ray.exceptions.RayError as err:
+                    cause = err.cause if isinstance(err, ray.exceptions.RayTaskError) else err
+                    if not isinstance(cause, _lost_with_a_node()) or lost[c] >= COORDINATOR_RESTARTS:
+                        raise (cause if isinstance(cause, Exception) else err) from None
+                    # The coordinator, or an actor, task or object its pipeline needed, went away with a
+                    # node (Ray does not retry a call that "may or may not have run"). Restart it for
+                    # certain, so no earlier call of it still works on its share, and run the share
+                    # again: what it committed is skipped.
                     lost[c] += 1
-                    if lost[c] > COORDINATOR_RESTARTS:
-                        raise
-                    log.warning("coordinator %d of run %s was unreachable: restarting it (%d of %d)", c, job["run"]["run_id"], lost[c],
-                                COORDINATOR_RESTARTS)
+                    log.warning("coordinator %d of run %s lost work to a node (%s: %s): restarting it (%d of %d)", c,
+                                job["run"]["run_id"], type(cause).__name__, str(cause).split("\n")[0][:200], lost[c], COORDINATOR_RESTARTS)
                     ray.kill(coordinators[c], no_restart=False)
                     for stale in [r for r, asked_of in asked.items() if asked_of == c]:  # would answer never or late
                         asked.pop(stale)
