@@ -200,10 +200,6 @@ def long_videos(tmp_path_factory):
 
 @pytest.mark.slow
 def test_two_model_replicas_and_small_batches_give_the_rows_of_one(ray_local, long_videos, untrained_model, tmp_path):
-    def rows(out, table, key):
-        frame = pads.dataset(os.path.join(out, table)).to_table().to_pandas().drop(columns=["run_id"])
-        return frame.sort_values(key).reset_index(drop=True)
-
     one = label(long_videos, untrained_model, str(tmp_path / "one"), LabelConfig(actors=1, batch_size=3, videos_per_shard=2))
     two = label(long_videos, untrained_model, str(tmp_path / "two"), LabelConfig(actors=2, batch_size=3, videos_per_shard=2, range_seconds=8.0))
     # Two pipelines, each in its coordinator actor with one replica and every other shard.
@@ -211,8 +207,8 @@ def test_two_model_replicas_and_small_batches_give_the_rows_of_one(ray_local, lo
     assert one.clips == two.clips == split.clips == 6 * 10 and one.ok == two.ok == split.ok == 6
     assert split.shards_done == 3 and split.coordinator_cpu_s > 0 and split.coordinators_restarted == 0
     for table, key in (("clips", ["video_uri", "clip_index"]), ("videos", ["video_uri"]), ("segments", ["video_uri", "start_s"])):
-        pd.testing.assert_frame_equal(rows(str(tmp_path / "one"), table, key), rows(str(tmp_path / "two"), table, key))
-        pd.testing.assert_frame_equal(rows(str(tmp_path / "one"), table, key), rows(str(tmp_path / "split"), table, key))
+        pd.testing.assert_frame_equal(_rows(str(tmp_path / "one"), table, key), _rows(str(tmp_path / "two"), table, key))
+        pd.testing.assert_frame_equal(_rows(str(tmp_path / "one"), table, key), _rows(str(tmp_path / "split"), table, key))
 
 
 def test_more_coordinators_than_replicas_is_refused():
@@ -309,13 +305,9 @@ def test_long_videos_split_into_ranges_give_the_same_rows(ray_local, tiny_archiv
     split = label(videos, untrained_model, str(tmp_path / "split"), LabelConfig(range_seconds=2.0))  # one clip per range
     assert (split.videos, split.ok, split.clips) == (whole.videos, whole.ok, whole.clips)
 
-    def rows(out, table, key):
-        frame = pads.dataset(os.path.join(out, table)).to_table().to_pandas().drop(columns=["run_id"])
-        return frame.sort_values(key).reset_index(drop=True)
-
-    pd.testing.assert_frame_equal(rows(str(tmp_path / "whole"), "clips", ["video_uri", "clip_index"]), rows(str(tmp_path / "split"), "clips", ["video_uri", "clip_index"]))
-    pd.testing.assert_frame_equal(rows(str(tmp_path / "whole"), "videos", ["video_uri"]), rows(str(tmp_path / "split"), "videos", ["video_uri"]))
-    segments = rows(str(tmp_path / "split"), "segments", ["video_uri", "start_s"])
+    pd.testing.assert_frame_equal(_rows(str(tmp_path / "whole"), "clips", ["video_uri", "clip_index"]), _rows(str(tmp_path / "split"), "clips", ["video_uri", "clip_index"]))
+    pd.testing.assert_frame_equal(_rows(str(tmp_path / "whole"), "videos", ["video_uri"]), _rows(str(tmp_path / "split"), "videos", ["video_uri"]))
+    segments = _rows(str(tmp_path / "split"), "segments", ["video_uri", "start_s"])
     assert segments.clips.sum() == split.clips
     assert split.tables == {"clips": split.clips, "segments": len(segments)}
 
