@@ -28,6 +28,8 @@ Parts (run in this order; later parts read what earlier ones saved under --out):
 
     .venv/bin/python bench/predict_quality.py --part nextframe --minutes 25
     .venv/bin/python bench/predict_quality.py --part surprise
+    .venv/bin/python bench/predict_quality.py --part nextframe --minutes 75 --one-step-weight 1 --out OUT4   # a surprise scorer
+    .venv/bin/python bench/predict_quality.py --part surprise --out OUT4
     .venv/bin/python bench/predict_quality.py --part conditioned --minutes-cond 10 --minutes-crnn 5
     .venv/bin/python bench/predict_quality.py --part nextframe --minutes 40 --lr 1e-3 --init OUT/nextframe_model --out OUT2   # train on
     .venv/bin/python bench/predict_quality.py --part nextframe --minutes 0 --init OUT/nextframe_model --out OUT3   # score a saved model
@@ -104,7 +106,7 @@ def fit_forecaster(config, minutes: float, batch_size: int, lr: float, seed: int
         cosine_lr(optimizer, lr, elapsed / (minutes * 60))
         clips, labels = random_batch(rng, batch_size, config.frames_per_clip)
         outputs = model(to_model_input(clips), labels if conditioned else None)
-        loss = loss_fn(outputs, config.context_frames, config.loss)
+        loss = loss_fn(outputs, config.context_frames, config.loss, config.one_step_weight)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
@@ -186,7 +188,8 @@ def part_nextframe(args) -> None:
     emit({"progress": "test archive", "sequences": args.test, "minutes": round((time.perf_counter() - started) / 60, 2)})
     from rnnimg.tasks.predict import BLACK_LEVELS, choose_black_level
 
-    config = ForecasterConfig(hidden=args.hidden, channels=tuple(args.channels), layers=args.layers, loss=args.loss, black_level=0.0)
+    config = ForecasterConfig(hidden=args.hidden, channels=tuple(args.channels), layers=args.layers, loss=args.loss, black_level=0.0,
+                              one_step_weight=args.one_step_weight)
     # Training on from an earlier run's model draws other sequences than that run did (seed 1, not 0).
     fit = fit_forecaster(config, args.minutes, args.batch_size, args.lr, seed=1 if args.init else 0, conditioned=False, init=args.init)
     model = fit["model"]
@@ -391,6 +394,8 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--channels", type=int, nargs="+", default=[16, 32])
     parser.add_argument("--loss", choices=("bce", "mse"), default="bce", help="the forecasters' per-pixel loss")
+    parser.add_argument("--one-step-weight", type=float, default=0.0,
+                        help="nextframe: weight of the one-step-ahead loss (ForecasterConfig.one_step_weight; 1: a surprise scorer)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--val-sequences", type=int, default=256, help="nextframe: validation sequences the black level is chosen on")
     parser.add_argument("--reuse", default="", help="conditioned: score the generators an earlier run saved in this folder instead of training them")

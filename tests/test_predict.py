@@ -296,6 +296,7 @@ def test_a_forecaster_saved_before_the_filters_loads_as_it_was_trained():
     assert ForecasterConfig.from_dict({**saved, "output": "filters"}).output == "filters"
     assert ForecasterConfig.from_dict({"hidden": 8}).output == "filters"  # a new config: today's default
     assert ForecasterConfig.from_dict(saved).loss == "bce"
+    assert ForecasterConfig.from_dict(saved).one_step_weight == 0.0  # saved before the one-step term: trained without it
     with pytest.raises(ValueError, match="loss"):
         ForecasterConfig(loss="l1")
     with pytest.raises(ValueError, match="output"):
@@ -313,6 +314,34 @@ def test_the_loss_is_the_configured_per_pixel_bce_or_mse():
     target = frames[:, 2:]
     assert torch.allclose(bce, torch.nn.functional.binary_cross_entropy(torch.sigmoid(logits), target), atol=1e-5)
     assert torch.allclose(mse, ((torch.sigmoid(logits) - target) ** 2).mean())
+
+
+def test_the_one_step_weight_mixes_the_one_step_ahead_loss_into_the_forecasts():
+    """w = one_step_weight: loss = (1 - w) forecast + w one-step-ahead, whose predictions ``forward`` returns
+    (what the surprise score reads); w = 0 is the forecast alone and computes no one-step predictions."""
+    from rnnimg.tasks.predict import loss_fn
+
+    bce = torch.nn.functional.binary_cross_entropy_with_logits
+    x = torch.rand(2, 6, 3, 32, 32) - 0.5
+    torch.manual_seed(0)
+    plain = Forecaster(ForecasterConfig(**TINY)).eval()
+    with torch.no_grad():
+        out = plain(x)
+        forecast_loss = bce(out.logits, out.frames[:, 3:])
+        assert out.next_frame_logits is None and torch.allclose(task().loss(out, None, plain.config), forecast_loss)
+        for weight in (0.5, 1.0):
+            model = Forecaster(ForecasterConfig(**TINY, one_step_weight=weight)).eval()
+            model.load_state_dict(plain.state_dict())  # the weight changes the loss, not the architecture
+            out = model(x)
+            assert torch.equal(out.logits, plain(x).logits) and torch.equal(out.next_frame_logits, model.next_frame_logits(x))
+            one_step_loss = bce(out.next_frame_logits, out.frames[:, 3:])
+            assert torch.allclose(task().loss(out, None, model.config), weight * one_step_loss + (1 - weight) * forecast_loss)
+    with pytest.raises(ValueError, match="one-step-ahead predictions"):
+        loss_fn(plain(x), 3, "bce", 0.5)
+    with pytest.raises(ValueError, match="one_step_weight"):
+        ForecasterConfig(one_step_weight=1.5)
+    with pytest.raises(ValueError, match="conditioned"):
+        ForecasterConfig(labels=("a", "b"), one_step_weight=0.5)
 
 
 def test_the_forecast_never_sees_the_frames_it_predicts():
@@ -493,7 +522,8 @@ def test_train_through_ray_then_label_writes_surprise_rows_then_generate(ray_loc
     from rnnimg.train import TrainConfig, train
 
     root, manifest, _ = digits_archive
-    config = task().model_config(manifest, frame_size=32, frames_per_clip=6, channels=[8], hidden=8, layers=1)
+    # Half the loss one step ahead: the one-step predictions go through DDP's forward with the forecast.
+    config = task().model_config(manifest, frame_size=32, frames_per_clip=6, channels=[8], hidden=8, layers=1, one_step_weight=0.5)
     result = train(manifest, str(tmp_path), "pred", TrainConfig(epochs=1, workers=1, batch_size=4, use_gpu=False), model_config=config,
                    task="predict")
     assert result.task == "predict" and result.metrics["val_mse"] > 0 and result.metrics["val_copy_last_mse"] > 0

@@ -29,7 +29,10 @@ What the decoder draws (``output``):
 No teacher forcing and no scheduled sampling: the forecaster never sees a frame, true or
 predicted; it rolls its state forward from the encoder's (the paper's design), so training and
 generation run the same computation and there is no exposure bias to schedule against. The
-training loss is over all F future frames at once.
+training loss is over all F future frames at once. With ``one_step_weight`` w > 0 the loss also has
+a one-step-ahead term (each frame after the context from the true frames before it: the prediction
+the surprise score reads), weighted w against 1 - w for the forecast; a model for surprise scores is
+trained with w = 1 (the forecast is then still computed for the metrics, not trained).
 
 The output is a ``Forecast``: the logits and the clip as grey [0, 1] frames (the target of a
 forecaster is the future part of its own input; the loss, the metrics and the surprise score
@@ -56,7 +59,7 @@ EPS = 1e-4  # a "filters" prediction is clamped to [EPS, 1 - EPS] before its log
 # since with what a config.json without them means: such a model loads as it was trained.
 FIRST_FIELDS = frozenset({"frame_size", "frames_per_clip", "context_frames", "clip_seconds", "stride_seconds", "channels", "rnn_type",
                           "hidden", "layers", "kernel_size", "labels"})
-SAVED_BEFORE = {"output": "pixels", "filter_size": 9, "motion_input": False, "loss": "bce", "black_level": 0.0}
+SAVED_BEFORE = {"output": "pixels", "filter_size": 9, "motion_input": False, "loss": "bce", "black_level": 0.0, "one_step_weight": 0.0}
 PRIOR_FLOOR = 1e-3  # added to the constant-velocity prior before its log: the decoder can still overrule it
 MOTION_TEMPERATURE = 0.005  # of the displacement softmax: mean squared differences 0.005 apart are e times less likely (0.02: prior alone SSIM 0.631, 0.005: 0.660)
 
@@ -87,6 +90,9 @@ class ForecasterConfig(JsonConfig):
     # haze over the candidates; SSIM reads any haze on black as lost structure. None: chosen on the
     # validation split when the model is exported (``rnnimg.tasks.predict.choose_black_level``), 0 until then.
     black_level: float | None = None
+    # Weight of the one-step-ahead loss (``Forecaster.next_frame_logits``, what the surprise score reads) against
+    # 1 - it for the forecast's: 0 trains a forecaster (for ``rnnimg generate``), 1 a surprise scorer.
+    one_step_weight: float = 0.0
 
     def __post_init__(self) -> None:
         if self.frame_size < 8:
@@ -117,6 +123,10 @@ class ForecasterConfig(JsonConfig):
             raise ValueError(f"filter_size must be odd and >= 3, got {self.filter_size}")
         if self.black_level is not None and not 0.0 <= self.black_level < 1.0:
             raise ValueError(f"black_level must be in [0, 1) or None, got {self.black_level}")
+        if not 0.0 <= self.one_step_weight <= 1.0:
+            raise ValueError(f"one_step_weight must be in [0, 1], got {self.one_step_weight}")
+        if self.one_step_weight and self.labels:
+            raise ValueError("one_step_weight must be 0 for a conditioned forecaster (one-step predictions take no class)")
 
     @classmethod
     def from_dict(cls, data: dict) -> "ForecasterConfig":
@@ -146,6 +156,7 @@ class Forecast(NamedTuple):
 
     logits: torch.Tensor  # (B, F, 1, H, W): per-pixel logits of the F frames after the context (sigmoid: grey in [0, 1])
     frames: torch.Tensor  # (B, T, 1, H, W): the input clip, grey in [0, 1] (the future part is the target)
+    next_frame_logits: torch.Tensor | None = None  # (B, T - K, 1, H, W) one step ahead, when ``one_step_weight`` > 0
 
 
 def to_image(logits: torch.Tensor, black_level: float = 0.0) -> torch.Tensor:
@@ -273,7 +284,9 @@ class Forecaster(nn.Module):
     def forward(self, clips: torch.Tensor, labels: torch.Tensor | None = None) -> Forecast:
         grey = to_grey(clips)
         logits = self.forward_head(self.forward_features(clips, labels), grey[:, : self.config.context_frames])
-        return Forecast(logits, grey)
+        # The one-step-ahead predictions the loss weighs in, made here so that DDP sees them in forward.
+        one_step = self.next_frame_logits(clips) if self.config.one_step_weight else None
+        return Forecast(logits, grey, one_step)
 
     def next_frame_logits(self, clips: torch.Tensor) -> torch.Tensor:
         """One step ahead at every step after the context: logits of frame t of ``clips`` given its frames

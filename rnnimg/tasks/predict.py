@@ -14,6 +14,8 @@ how surprising each clip of an archive is.
   the model's ``Forecast`` output; the row target is the motion class id (used only by a
   conditioned model, which the shared loop cannot feed: see ``check_training``).
 - Loss: per-pixel BCE with logits, or MSE, of the F future frames (grey, [0, 1]; ``ForecasterConfig.loss``).
+  With ``ForecasterConfig.one_step_weight`` w > 0, also of each of those frames predicted one step ahead
+  (the surprise score's prediction), w against 1 - w; ``--model-option one_step_weight=1`` trains a surprise scorer.
 - Metrics: ``mse`` (per frame, summed over the pixels, values in [0, 1], the Moving MNIST
   convention), ``ssim`` (11x11 Gaussian window, sigma 1.5), each beside two baselines on the
   same clips: ``copy_last`` (the last context frame, repeated) and ``mean_frame`` (the mean of
@@ -142,16 +144,27 @@ def choose_black_level(mse_by_level, ssim_by_level, slack: float = BLACK_LEVEL_M
     return float(BLACK_LEVELS[int(allowed[np.argmax(score[allowed])])])
 
 
-def loss_fn(outputs, context_frames: int, kind: str = "bce"):
+def loss_fn(outputs, context_frames: int, kind: str = "bce", one_step_weight: float = 0.0):
     """Per-pixel loss of the predicted frames against the clip's future frames: BCE with logits, or the
-    MSE of the grey values (``kind``, the model's ``ForecasterConfig.loss``)."""
+    MSE of the grey values (``kind``, the model's ``ForecasterConfig.loss``); the forecast's weighted
+    ``1 - one_step_weight``, the one-step-ahead predictions' (``Forecast.next_frame_logits``, required
+    when the weight is > 0) ``one_step_weight``."""
     import torch
     import torch.nn.functional as F
 
     target = outputs.frames[:, context_frames:].float()
-    if kind == "mse":
-        return F.mse_loss(torch.sigmoid(outputs.logits.float()), target)
-    return F.binary_cross_entropy_with_logits(outputs.logits.float(), target)
+
+    def per_pixel(logits):
+        if kind == "mse":
+            return F.mse_loss(torch.sigmoid(logits.float()), target)
+        return F.binary_cross_entropy_with_logits(logits.float(), target)
+
+    if not one_step_weight:
+        return per_pixel(outputs.logits)
+    if outputs.next_frame_logits is None:
+        raise ValueError("one_step_weight > 0 needs the one-step-ahead predictions (a model whose config has that weight)")
+    one_step = one_step_weight * per_pixel(outputs.next_frame_logits)
+    return one_step if one_step_weight == 1 else one_step + (1 - one_step_weight) * per_pixel(outputs.logits)
 
 
 def surprise(model, inputs, context_frames: int):
@@ -343,7 +356,7 @@ class PredictTask(Task):
         return frames[order], target
 
     def loss(self, outputs, targets, config: "ForecasterConfig"):
-        return loss_fn(outputs, config.context_frames, config.loss)
+        return loss_fn(outputs, config.context_frames, config.loss, config.one_step_weight)
 
     def batch_stats(self, outputs, targets, config: "ForecasterConfig", loss=None) -> dict:
         import torch
@@ -352,7 +365,7 @@ class PredictTask(Task):
 
         evaluating = loss is None  # the training loop passes the batch's loss; evaluation does not
         if loss is None:
-            loss = loss_fn(outputs, config.context_frames, config.loss)
+            loss = loss_fn(outputs, config.context_frames, config.loss, config.one_step_weight)
         n = len(outputs.frames)
         predicted = to_image(outputs.logits, config.black)
         stats = {"loss_sum": loss.detach().double() * n, "count": torch.tensor(n, device=outputs.frames.device),
