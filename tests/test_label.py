@@ -6,6 +6,7 @@ import shutil
 import time
 
 import duckdb
+import numpy as np
 import pandas as pd
 import pyarrow.dataset as pads
 import pytest
@@ -27,7 +28,8 @@ def archive_with_broken(tiny_archive, tmp_path):
     (videos / "broken").mkdir()
     (videos / "broken" / "empty.mp4").write_bytes(b"")
     (videos / "broken" / "text.mp4").write_text("not a video at all\n")
-    (videos / "broken" / "random.mkv").write_bytes(os.urandom(4096))
+    # Fixed bytes: some random 4 KiB parse as a container with a subtitle stream (no_video_stream), some do not open.
+    (videos / "broken" / "random.mkv").write_bytes(np.random.default_rng(0).bytes(4096))
     return str(videos), manifest
 
 
@@ -50,7 +52,7 @@ def test_label_writes_clip_and_video_tables(ray_local, archive_with_broken, untr
     for name in ("empty.mp4", "text.mp4", "random.mkv"):
         row = frame.loc[os.path.join(videos, "broken", name)]
         assert row.status == "failed" and row.clips == 0
-        assert name in row.error and row.error_type in ("open", "empty")
+        assert name in row.error and row.error_type in ("open", "empty", "no_video_stream")
     assert (frame[frame.status == "ok"].clips == 2).all()
 
     clip_frame = clips.to_pandas()
@@ -119,7 +121,6 @@ def test_rerun_with_other_inputs_splits_smoothing_or_precision_is_refused_naming
 
 def _predicted_batches(videos: list[str], spec: dict, batch_size: int, range_seconds: float) -> list[dict]:
     """What the Predictor hands the driver for ``videos`` (fake predictions), one batch per decode batch."""
-    import numpy as np
 
     from rnnimg.label import decode_pack, plan_videos
 
@@ -142,7 +143,6 @@ def _split_rows(batch: dict, keep) -> dict:
 
 def test_commit_waits_for_every_clip_row_whatever_the_block_order(tiny_archive, untrained_model, tmp_path):
     """Status rows first, clip batches after, shuffled, with duplicates: every clip stored once."""
-    import numpy as np
 
     from rnnimg import tasks
     from rnnimg.label import commit_stream, parts_folder, stage_parts
@@ -331,7 +331,6 @@ def test_pack_units_groups_short_units_and_keeps_long_ones_alone():
 def test_plan_videos_then_decode_pack_equals_decoding_each_video(tiny_archive):
     """The probe stage's packs, decoded, give each video's clips and one status row, as the
     single-video path does; a long video (here: short ranges) is cut into ranges."""
-    import numpy as np
 
     from rnnimg.label import decode_pack, decode_video, plan_videos
     from rnnimg.video.clips import ClipSpec
