@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from rnnimg import tables, tasks
-from rnnimg.models.forecaster import (Forecast, Forecaster, ForecasterConfig, apply_filters, constant_velocity_prior, displacement_likelihoods,
-                                      to_grey, to_image)
+from rnnimg.models.forecaster import (MOTION_TEMPERATURE, Forecast, Forecaster, ForecasterConfig, apply_filters, constant_velocity_prior,
+                                      displacement_likelihoods, to_grey, to_image)
 from rnnimg.tasks.digits_synth import (GLYPH, MOTION_CLASSES, Anomaly, DigitsSynthConfig, compose, digit_glyphs, digit_pool, make_archive, plan,
                                        pool_of_split, render_glyph, render_sequence, to_rgb, trajectory)
 from rnnimg.tasks.predict import BLACK_LEVELS, black_level_stats, choose_black_level, forecast_stats, frame_mse, ssim
@@ -212,6 +212,17 @@ def test_displacement_likelihoods_find_the_motion_that_the_matching_filter_perfo
     kernels = torch.zeros(1, 81, 64, 64)
     kernels[:, tap] = 1.0
     assert torch.equal(apply_filters(frames[:, 1], kernels, 9), frames[:, 2])
+
+
+def test_displacement_likelihoods_score_each_tap_by_what_its_filter_makes_of_the_frame_before():
+    frames = torch.rand(2, 3, 1, 16, 16, generator=torch.Generator().manual_seed(1))
+    likely = displacement_likelihoods(frames, 5, 4, pool_cells=3)
+    one_tap = torch.eye(25)[:, None, :, None, None].expand(25, 2, 25, 16, 16)  # filter i: all weight on tap i
+    for t in (1, 2):  # tap i's cost: the mean squared difference per cell between frame t and what filter i makes of frame t-1
+        cost = torch.stack([torch.nn.functional.avg_pool2d((apply_filters(frames[:, t - 1], one_tap[i], 5) - frames[:, t]) ** 2, 4)[:, 0]
+                            for i in range(25)], 1)  # (B, 25, 4, 4)
+        cost = torch.nn.functional.avg_pool2d(cost, 3, stride=1, padding=1, count_include_pad=False)
+        assert torch.allclose(likely[:, t], torch.softmax(-cost / MOTION_TEMPERATURE, 1), atol=1e-5), t
 
 
 def test_filter_predictions_only_move_what_the_last_frame_shows():
