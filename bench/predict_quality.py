@@ -193,6 +193,10 @@ def part_nextframe(args) -> None:
     # Training on from an earlier run's model draws other sequences than that run did (seed 1, not 0).
     fit = fit_forecaster(config, args.minutes, args.batch_size, args.lr, seed=1 if args.init else 0, conditioned=False, init=args.init)
     model = fit["model"]
+    model_uri = os.path.join(args.out, "nextframe_model")
+    # Saved as soon as it is trained (again below, with its black level and test metrics): a failure while
+    # scoring never costs the training run.
+    checkpoint.save(model_uri, model.state_dict(), task.name, task.config_to_dict(config), metrics={})
     # The black level the predictions are drawn with, chosen on a validation draw (as `rnnimg train` chooses it on
     # the val split); the test set is scored once, at that level (its figures at every level are printed beside).
     sweep = validation_sweep(model, config, args.val_sequences, seed=10_000 + int(bool(args.init)))
@@ -208,11 +212,12 @@ def part_nextframe(args) -> None:
     velocity = {}
     if config.output == "filters" and config.motion_input:
         clips = iter_clips(rows, task, config, train=False, rng=np.random.default_rng(0))
-        plain = replace(config, black_level=0.0)  # the prior as it is (its figures at each black level beside)
+        # The prior as it is (its figures at each black level beside); it makes no one-step-ahead predictions,
+        # so it is scored on the forecast alone.
+        plain = replace(config, black_level=0.0, one_step_weight=0.0)
         baseline = task.summarize(evaluate(constant_velocity(plain), iter_batches(clips, 32), "cpu", task, plain))
         velocity = {"constant_velocity_mse": baseline["mse"], "constant_velocity_ssim": baseline["ssim"],
                     "constant_velocity_ssim_by_black_level": [round(v, 4) for v in baseline["ssim_by_black_level"]]}
-    model_uri = os.path.join(args.out, "nextframe_model")
     checkpoint.save(model_uri, model.state_dict(), task.name, task.config_to_dict(config), metrics={"test": summary})
     emit({"part": "nextframe", "machine": cpu_model(), "torch": torch.__version__, "threads": torch.get_num_threads(),
           "config": task.config_to_dict(config), "params": sum(p.numel() for p in model.parameters()),
