@@ -16,8 +16,12 @@ Parts (run in this order; later parts read what earlier ones saved under --out):
   with an anomaly (one digit teleports, freezes or reverses, at a random frame), labelled by
   ``rnnimg.label.label`` (Ray Data, the real job) with the nextframe model; each anomaly's clip
   (the one whose scored half holds the anomaly's first frame) must rank in the top 5% by surprise,
-  for >= 90% of the anomalies. A clip's surprise is its largest one-step-ahead frame error
-  (``rnnimg.tasks.predict.surprise``).
+  for >= 90% of the anomalies. A clip's surprise is its most unexpected frame's, one step ahead
+  (``rnnimg.tasks.predict.surprise``: surprisal in nats for a BCE model). Beside the label job's figure,
+  the same clips decoded again and scored in this process by every measure (``SURPRISE_MEASURES``:
+  surprisal and squared error, side by side; ``--no-measures`` skips it). ``--archive-seed 4242
+  --anomaly-every 5`` builds the development archive (40 anomalies) that choices are made on, so that
+  the bench's archive (seed 7) is only measured.
 - ``conditioned``: a conditioned forecaster (1 frame in, 9 generated, the motion class as the
   forecaster's input) and the same model without the class, trained alike for ``--minutes-cond``
   each; rnnimg's CRNN (``rnnimg.models.crnn``) trained on real 10-frame sequences of the same
@@ -30,6 +34,7 @@ Parts (run in this order; later parts read what earlier ones saved under --out):
     .venv/bin/python bench/predict_quality.py --part surprise
     .venv/bin/python bench/predict_quality.py --part nextframe --minutes 75 --one-step-weight 1 --out OUT4   # a surprise scorer
     .venv/bin/python bench/predict_quality.py --part surprise --out OUT4
+    .venv/bin/python bench/predict_quality.py --part surprise --archive-seed 4242 --anomaly-every 5 --out OUT4   # development archive
     .venv/bin/python bench/predict_quality.py --part conditioned --minutes-cond 10 --minutes-crnn 5
     .venv/bin/python bench/predict_quality.py --part nextframe --minutes 40 --lr 1e-3 --init OUT/nextframe_model --out OUT2   # train on
     .venv/bin/python bench/predict_quality.py --part nextframe --minutes 0 --init OUT/nextframe_model --out OUT3   # score a saved model
@@ -87,6 +92,7 @@ def fit_forecaster(config, minutes: float, batch_size: int, lr: float, seed: int
     import torch
 
     from rnnimg import checkpoint
+    from rnnimg.models.forecaster import Forecast, to_grey
     from rnnimg.models.layout import to_model_input
     from rnnimg.tasks import get
     from rnnimg.tasks.predict import loss_fn
@@ -105,7 +111,11 @@ def fit_forecaster(config, minutes: float, batch_size: int, lr: float, seed: int
     while (elapsed := time.perf_counter() - started) < minutes * 60:
         cosine_lr(optimizer, lr, elapsed / (minutes * 60))
         clips, labels = random_batch(rng, batch_size, config.frames_per_clip)
-        outputs = model(to_model_input(clips), labels if conditioned else None)
+        inputs = to_model_input(clips)
+        if config.one_step_weight == 1:  # a surprise scorer: its loss reads only the one-step predictions (the forecast is not trained)
+            outputs = Forecast(None, to_grey(inputs), model.next_frame_logits(inputs))
+        else:
+            outputs = model(inputs, labels if conditioned else None)
         loss = loss_fn(outputs, config.context_frames, config.loss, config.one_step_weight)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -241,41 +251,96 @@ def part_surprise(args) -> None:
     from rnnimg.tasks.digits_synth import ANOMALIES, Anomaly, render_sequence, to_rgb
 
     model_uri = os.path.join(args.out, "nextframe_model")
-    root = os.path.join(args.out, f"surprise_archive_{args.surprise_videos}")
-    rng = np.random.default_rng(7)
+    every = args.anomaly_every
+    name = f"surprise_archive_{args.surprise_videos}" + ("" if (args.archive_seed, every) == (7, 10) else f"_seed{args.archive_seed}_every{every}")
+    root = os.path.join(args.out, name)
+    rng = np.random.default_rng(args.archive_seed)
     fps, frames = 10, 60
     anomalies = {}
     for index in range(args.surprise_videos):
         uri = os.path.join(root, f"video-{index:04d}.mp4")
         seed = int(rng.integers(2**63))
         anomaly = None
-        if index % 10 == 3:  # one in ten
-            anomaly = Anomaly(ANOMALIES[(index // 10) % 3], int(rng.integers(20, 50)), int(rng.integers(2)))
+        if index % every == 3 % every:  # one in `every`
+            anomaly = Anomaly(ANOMALIES[(index // every) % 3], int(rng.integers(20, 50)), int(rng.integers(2)))
             anomalies[uri] = anomaly
         if not os.path.exists(uri):
             grey, _ = render_sequence(np.random.default_rng(seed), frames, 64, anomaly=anomaly, pool="heldout")
             storage.write_bytes(uri, encode_video(to_rgb(grey), fps, crf=4))
-    out = os.path.join(args.out, f"surprise_labels_{args.surprise_videos}")
+    out = os.path.join(args.out, name.replace("archive", "labels"))
     ensure_ray(None)
     started = time.perf_counter()
     label([root], model_uri, out, LabelConfig(videos_per_shard=50, batch_size=16))
+    label_minutes = round((time.perf_counter() - started) / 60, 2)
     clips = storage.read_table(os.path.join(out, "clips")).to_pandas()
-    clips = clips.sort_values("surprise", ascending=False).reset_index(drop=True)
-    top = max(1, int(round(0.05 * len(clips))))
-    found, details = 0, []
-    for uri, anomaly in anomalies.items():
-        # The clip whose predicted half (frames 10k+10 .. 10k+19 of clip k) holds the anomaly's first frame.
-        k = anomaly.at // 10 - 1
-        rank = int(clips.index[(clips["video_uri"] == storage.normalize(uri)) & (clips["clip_index"] == k)][0])
-        found += rank < top
-        details.append({"kind": anomaly.kind, "at": anomaly.at, "clip": k, "rank": rank})
+    # Each anomaly's clip: the one whose predicted half (frames 10k+10 .. 10k+19 of clip k) holds its first frame.
+    wanted = {(storage.normalize(uri), anomaly.at // 10 - 1): anomaly for uri, anomaly in anomalies.items()}
     anomalous_videos = {storage.normalize(u) for u in anomalies}
-    emit({"part": "surprise", "machine": cpu_model(), "videos": args.surprise_videos, "clips": len(clips), "anomalies": len(anomalies),
-          "top_5pct_clips": top, "found_in_top_5pct": found, "share_found": found / len(anomalies),
-          "per_kind": {kind: [d["rank"] for d in details if d["kind"] == kind] for kind in ANOMALIES},
-          "top_5pct_from_anomalous_videos": float(clips["video_uri"][:top].isin(anomalous_videos).mean()),
-          "median_surprise_normal": float(clips.loc[~clips["video_uri"].isin(anomalous_videos), "surprise"].median()),
-          "label_minutes": round((time.perf_counter() - started) / 60, 2), "target_share": 0.9})
+    found, per_kind, top, median = rank_anomalies(clips, "surprise", wanted, anomalous_videos)
+    record = {"part": "surprise", "machine": cpu_model(), "archive": name, "videos": args.surprise_videos, "clips": len(clips),
+              "anomalies": len(anomalies), "top_5pct_clips": top, "found_in_top_5pct": found, "share_found": found / len(anomalies),
+              "per_kind": per_kind, "median_surprise_normal": median, "label_minutes": label_minutes, "target_share": 0.9}
+    if args.measures:
+        record["by_measure"] = compare_measures(model_uri, clips, wanted, anomalous_videos)
+    emit(record)
+
+
+def rank_anomalies(clips, column: str, wanted: dict, anomalous_videos: set) -> tuple[int, dict, int, float]:
+    """How many anomaly clips rank in the top 5% of ``clips`` by ``column``; their ranks per kind; the cut;
+    the median score of the ordinary videos' clips."""
+    from rnnimg.tasks.digits_synth import ANOMALIES
+
+    ordered = clips.sort_values(column, ascending=False).reset_index(drop=True)
+    top = max(1, int(round(0.05 * len(ordered))))
+    position = {(u, int(k)): rank for rank, (u, k) in enumerate(zip(ordered["video_uri"], ordered["clip_index"]))}
+    ranks = {key: position[key] for key in wanted}
+    per_kind = {kind: [r for key, r in ranks.items() if wanted[key].kind == kind] for kind in ANOMALIES}
+    normal = ordered.loc[~ordered["video_uri"].isin(anomalous_videos), column]
+    return sum(r < top for r in ranks.values()), per_kind, top, float(normal.median())
+
+
+def compare_measures(model_uri: str, clips, wanted: dict, anomalous_videos: set) -> dict:
+    """Every measure of ``rnnimg.tasks.predict.SURPRISE_MEASURES`` on the same clips, side by side: the
+    label job's clips decoded again (the same plan and decoder) and scored in this process. Also how far
+    the label job's column is from this process's score by the model's own measure."""
+    import torch
+
+    from rnnimg import checkpoint
+    from rnnimg.models.layout import to_model_input
+    from rnnimg.tasks import get
+    from rnnimg.tasks.predict import SURPRISE_MEASURES, frame_surprise, surprise_measure
+    from rnnimg.video.clips import ClipSpec, uniform_clips
+    from rnnimg.video.decode import VideoReader, probe
+
+    task = get("predict")
+    exported, state = checkpoint.load_state(model_uri)
+    config = task.config_from_dict(exported.config)
+    model = task.build_model(config)
+    model.load_state_dict(state)
+    model.eval()
+    spec = ClipSpec(clip_seconds=config.clip_seconds, frames_per_clip=config.frames_per_clip, stride_seconds=config.stride_seconds)
+    scores = {measure: [] for measure in SURPRISE_MEASURES}
+    keys = []
+    with torch.inference_mode():
+        for uri in sorted(set(clips["video_uri"])):
+            with VideoReader(uri, (config.frame_size, config.frame_size)) as reader:
+                decoded = list(reader.clips(uniform_clips(probe(uri).duration_s, spec)))
+            x = to_model_input(np.stack([frames for _, frames in decoded]))
+            for measure in SURPRISE_MEASURES:
+                scores[measure].append(frame_surprise(model, x, config.context_frames, measure).amax(1).numpy())
+            keys += [(uri, clip.clip_index) for clip, _ in decoded]
+    import pandas as pd
+
+    table = pd.DataFrame({"video_uri": [u for u, _ in keys], "clip_index": [k for _, k in keys],
+                          **{m: np.concatenate(v) for m, v in scores.items()}})
+    joined = clips.merge(table, on=["video_uri", "clip_index"], how="inner")
+    own = surprise_measure(config)
+    out = {"label_job_measure": own, "clips_compared": len(joined),
+           "label_job_max_rel_diff": float((np.abs(joined["surprise"] - joined[own]) / joined[own].abs().clip(lower=1e-6)).max())}
+    for measure in SURPRISE_MEASURES:
+        found, per_kind, top, median = rank_anomalies(table, measure, wanted, anomalous_videos)
+        out[measure] = {"found_in_top_5pct": found, "per_kind": per_kind, "median_normal": median}
+    return out
 
 
 def part_conditioned(args) -> None:
@@ -392,6 +457,10 @@ def main() -> None:
     parser.add_argument("--minutes-crnn", type=float, default=5.0, help="wall-time budget of the CRNN")
     parser.add_argument("--test", type=int, default=2000, help="test sequences")
     parser.add_argument("--surprise-videos", type=int, default=200)
+    parser.add_argument("--archive-seed", type=int, default=7, help="surprise: seed of the archive (7: the bench's; another: a development archive)")
+    parser.add_argument("--anomaly-every", type=int, default=10, help="surprise: one video in this many has an anomaly")
+    parser.add_argument("--measures", action=argparse.BooleanOptionalAction, default=True,
+                        help="surprise: also score the clips by every surprise measure in this process, side by side")
     parser.add_argument("--generated", type=int, default=200, help="generated clips per model, spread over the classes")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--lr", type=float, default=2e-3)

@@ -2145,7 +2145,7 @@ def _surprise_html(result: SurpriseReportResult, config: ReportConfig, histogram
         for b, n in histogram.items():
             counts[int(b)] = n
         axes.bar(np.arange(config.score_bins) * width, counts, width=width, align="edge", color="tab:orange")
-        axes.set_xlabel("surprise (per-frame squared error of the predicted frames, summed over pixels)")
+        axes.set_xlabel("surprise (of the clip's most unexpected frame given the frames before it, summed over pixels)")
         axes.set_ylabel("clips")
         axes.set_title("Surprise histogram")
         plot = _png(figure)

@@ -117,8 +117,9 @@ SURPRISE_CLIPS = pa.schema(
         pa.field("clip_index", pa.int32(), nullable=False),  # position of the clip in its video, from 0
         pa.field("start_s", pa.float64(), nullable=False),  # clip window start, seconds of presentation time
         pa.field("end_s", pa.float64(), nullable=False),  # clip window end, seconds
-        pa.field("surprise", pa.float32(), nullable=False),  # prediction error of the clip's last frames, each given the frames
-        # before it: the largest per-frame squared error summed over the pixels (grey in [0, 1]); higher = more unexpected
+        pa.field("surprise", pa.float32(), nullable=False),  # how unexpected the clip's last frames were, each given the frames
+        # before it: the largest per-frame surprisal (nats summed over the pixels; squared error for an MSE-trained model,
+        # ``rnnimg.tasks.predict.surprise_measure``); higher = more unexpected
         pa.field("model_id", pa.string(), nullable=False),
         pa.field("run_id", pa.string(), nullable=False),
     ]

@@ -13,7 +13,8 @@ from rnnimg.models.forecaster import (MOTION_TEMPERATURE, Forecast, Forecaster, 
                                       displacement_likelihoods, to_grey, to_image)
 from rnnimg.tasks.digits_synth import (GLYPH, MOTION_CLASSES, Anomaly, DigitsSynthConfig, compose, digit_glyphs, digit_pool, make_archive, plan,
                                        pool_of_split, render_glyph, render_sequence, to_rgb, trajectory)
-from rnnimg.tasks.predict import BLACK_LEVELS, black_level_stats, choose_black_level, forecast_stats, frame_mse, ssim
+from rnnimg.tasks.predict import (BLACK_LEVELS, black_level_stats, choose_black_level, forecast_stats, frame_mse, frame_surprisal, ssim,
+                                  surprise_measure)
 from rnnimg.video.clips import ClipSpec, uniform_clips
 from rnnimg.video.decode import VideoReader
 
@@ -293,12 +294,47 @@ def test_surprise_is_low_for_steady_motion_and_high_where_it_jumps_stops_or_turn
     for i, track in enumerate(positions.values()):
         for t, (y, x) in enumerate(track):
             clips[i, t, 0, y : y + 12, x : x + 12] = texture
-    with torch.no_grad():
-        scores = dict(zip(positions, surprise(model, clips.expand(-1, -1, 3, -1, -1) - 0.5, config.context_frames).tolist()))
-    ink = float((texture**2).sum())  # the error of missing the box altogether
-    assert scores["steady"] < 0.1 * ink, scores
-    for kind in ("jumps", "stops", "turns"):
-        assert scores[kind] > 5 * scores["steady"] and scores[kind] > 0.3 * ink, (kind, scores)
+    x = clips.expand(-1, -1, 3, -1, -1) - 0.5
+    ink = float((texture**2).sum())  # the squared error of missing the box altogether
+    for measure in ("surprisal", "squared_error"):
+        with torch.no_grad():
+            scores = dict(zip(positions, surprise(model, x, config.context_frames, measure).tolist()))
+        if measure == "squared_error":
+            assert scores["steady"] < 0.1 * ink, scores
+        for kind in ("jumps", "stops", "turns"):
+            assert scores[kind] > 5 * scores["steady"] and scores[kind] > 0.3 * ink, (measure, kind, scores)
+    with pytest.raises(ValueError, match="measure must be one of"):
+        surprise(model, x, config.context_frames, "mse")
+
+
+def test_surprisal_is_the_bce_less_the_frames_own_entropy_and_weighs_a_sure_miss_above_a_hedge():
+    truth = torch.zeros(2, 1, 16, 16)
+    truth[:, 0, 4:8, 4:8] = 1.0  # a 4 x 4 box
+    truth[1, 0, 4:8, 4:8] = torch.linspace(0.1, 0.9, 16).view(4, 4)  # grey values too
+    # An exact prediction costs nothing, whatever the frame's own entropy.
+    exact = torch.logit(truth.clamp(1e-4, 1 - 1e-4))
+    assert frame_surprisal(exact, truth).tolist() == pytest.approx([0.0, 0.0], abs=0.05)
+    # It is the frame's BCE less that of a perfect prediction (the entropy of each pixel's grey).
+    logits = torch.randn(2, 1, 16, 16, generator=torch.Generator().manual_seed(0)) * 3
+    bce = torch.nn.functional.binary_cross_entropy_with_logits(logits.double(), truth.double(), reduction="none").sum((-3, -2, -1))
+    y = truth.double()
+    entropy = -(torch.xlogy(y, y) + torch.xlogy(1 - y, 1 - y)).sum((-3, -2, -1))
+    assert frame_surprisal(logits, truth).tolist() == pytest.approx((bce - entropy).tolist(), rel=1e-9)
+    # A sure miss (the box one pixel to the right, at p = 1 - 1e-4) against a hedge (p = 1/2 over an 8 x 8 square
+    # around it): the squared error ranks the hedge higher (16 against 8), the surprisal the sure miss (74 against 44 nats).
+    box = truth[:1]
+    sure = torch.full_like(box, -9.21)
+    sure[..., 4:8, 5:9] = 9.21
+    hedge = torch.full_like(box, -9.21)
+    hedge[..., 2:10, 2:10] = 0.0
+    se = {name: float(frame_mse(torch.sigmoid(p), box)[0]) for name, p in (("sure", sure), ("hedge", hedge))}
+    kl = {name: float(frame_surprisal(p, box)[0]) for name, p in (("sure", sure), ("hedge", hedge))}
+    assert se["hedge"] > 1.9 * se["sure"] and kl["sure"] > 1.5 * kl["hedge"], (se, kl)
+
+
+def test_the_surprise_measure_is_the_models_own_observation_model():
+    assert surprise_measure(ForecasterConfig()) == "surprisal"
+    assert surprise_measure(ForecasterConfig(loss="mse")) == "squared_error"
 
 
 def test_a_forecaster_saved_before_the_filters_loads_as_it_was_trained():
@@ -465,8 +501,8 @@ def test_predict_gives_the_surprise_of_each_clip_and_rows_fit_the_table():
     x = torch.rand(3, 6, 3, 32, 32) - 0.5
     with torch.inference_mode():
         out = task().predict(model, x, config)
-        # Each frame after the context one step ahead (the model's own check is below): the largest error.
-        errors = frame_mse(torch.sigmoid(model.next_frame_logits(x[1:2]).float()), to_grey(x[1:2])[:, config.context_frames:])
+        # Each frame after the context one step ahead (the model's own check is below): the largest surprisal.
+        errors = frame_surprisal(model.next_frame_logits(x[1:2]).float(), to_grey(x[1:2])[:, config.context_frames:])
     assert list(out) == list(task().clip_columns()) and out["surprise"].shape == (3,) and out["surprise"].dtype == np.float32
     assert errors.shape == (1, 3) and out["surprise"][1] == pytest.approx(float(errors.max()), rel=1e-5)
     clip = {"video_uri": "v.mp4", "clip_index": 0, "start_s": 0.0, "end_s": 0.6, "surprise": float(out["surprise"][0]), "model_id": "m",

@@ -22,8 +22,10 @@ how surprising each clip of an archive is.
   the context frames); the exported checkpoint is the best val_mse. Predictions are drawn with the
   config's black level (grey below it is black; ``ForecasterConfig.black_level``), chosen at export on
   the selected epoch's validation figures when the config leaves it None (``choose_black_level``).
-- Label job: ``surprise`` per clip = the largest one-step-ahead ``mse`` among the clip's last F frames,
-  each predicted from the frames before it (``surprise``); table ``clips``
+- Label job: ``surprise`` per clip = the largest one-step-ahead surprise among the clip's last F frames,
+  each predicted from the frames before it (``surprise``): the frame's surprisal under the model's
+  own per-pixel Bernoulli (nats, ``frame_surprisal``) for a BCE model, its squared error summed over
+  the pixels for an MSE one (``surprise_measure``); table ``clips``
   (``rnnimg.tables.SURPRISE_CLIPS``): no label, no segments.
 """
 
@@ -47,6 +49,7 @@ SSIM_WINDOW, SSIM_SIGMA = 11, 1.5
 # may cost against none: the highest SSIM among the levels within that (``choose_black_level``).
 BLACK_LEVELS = (0.0, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3)
 BLACK_LEVEL_MSE_SLACK = 0.05
+SURPRISE_MEASURES = ("surprisal", "squared_error")  # how a frame's surprise is scored (``surprise_measure``)
 
 
 # ----------------------------------------------------------------------------- metrics
@@ -167,23 +170,62 @@ def loss_fn(outputs, context_frames: int, kind: str = "bce", one_step_weight: fl
     return one_step if one_step_weight == 1 else one_step + (1 - one_step_weight) * per_pixel(outputs.logits)
 
 
-def surprise(model, inputs, context_frames: int):
-    """Per clip: how unexpected its most unexpected frame after the first K is, (B,).
+def frame_surprisal(logits, truth):
+    """Per frame, the information in the true frame that the predicted one did not expect, in nats:
+    the Bernoulli KL divergence KL(y || p) of each pixel's true grey y from its predicted p =
+    sigmoid(logit), summed over the pixels, (..., 1, H, W) x 2 -> (...).
 
-    Each frame t >= K is predicted one step ahead from the clip's frames before it
-    (``Forecaster.next_frame_logits``) and scored by its MSE summed over the pixels (no black level:
-    an error score, not a picture); a clip's surprise
-    is the largest of them. One step ahead, an ordinary clip's error is what one frame of motion
-    leaves uncertain; a digit that jumps, stops or turns back breaks that in one frame, which a
-    mean over the clip would dilute by its length and a multi-step forecast would drown in the
-    blur of its later steps.
+    It is the BCE of the frame less the BCE a perfect prediction would still pay (the entropy of y),
+    so an exact prediction scores 0 whatever the frame shows. Against the squared error it weighs a
+    pixel by how sure the model was: a miss it was sure of costs up to log(1 / EPS) ~ 9.2 nats, a
+    pixel it hedged on (p ~ 1/2) under 0.7, where both cost at most 1 as a squared error.
     """
+    import torch
+    import torch.nn.functional as F
+
+    logits, y = logits.double(), truth.double().clamp(0.0, 1.0)
+    cross = -(y * F.logsigmoid(logits) + (1 - y) * F.logsigmoid(-logits))
+    own = -(torch.xlogy(y, y) + torch.xlogy(1 - y, 1 - y))
+    return (cross - own).clamp_min(0.0).sum((-3, -2, -1))
+
+
+def surprise_measure(config: "ForecasterConfig") -> str:
+    """How a model scores a frame's surprise: by its own observation model, the one its loss assumes.
+    ``"surprisal"`` (``frame_surprisal``) for a BCE model (per-pixel Bernoulli), ``"squared_error"``
+    (``frame_mse``, a fixed-variance Gaussian's surprisal up to scale and offset) for an MSE one."""
+    return "surprisal" if config.loss == "bce" else "squared_error"
+
+
+def frame_surprise(model, inputs, context_frames: int, measure: str):
+    """Per clip and frame t >= K: the surprise of frame t predicted one step ahead from the clip's frames
+    before it (``Forecaster.next_frame_logits``; no black level: a score, not a picture), (B, T - K).
+    ``measure``: ``"surprisal"`` or ``"squared_error"`` (``surprise_measure``)."""
     import torch
 
     from rnnimg.models.forecaster import to_grey
 
-    predicted = torch.sigmoid(model.next_frame_logits(inputs).float())  # (B, T-K, 1, H, W)
-    return frame_mse(predicted, to_grey(inputs)[:, context_frames:]).amax(1)  # (B, T-K) -> (B,)
+    if measure not in SURPRISE_MEASURES:
+        raise ValueError(f"measure must be one of {SURPRISE_MEASURES}, got {measure!r}")
+    logits = model.next_frame_logits(inputs).float()  # (B, T-K, 1, H, W)
+    truth = to_grey(inputs)[:, context_frames:]
+    if measure == "surprisal":
+        return frame_surprisal(logits, truth)  # -> (B, T-K)
+    return frame_mse(torch.sigmoid(logits), truth)
+
+
+def surprise(model, inputs, context_frames: int, measure: str = "surprisal"):
+    """Per clip: how unexpected its most unexpected frame after the first K is, (B,): the largest
+    ``frame_surprise``.
+
+    One step ahead, an ordinary clip's error is what one frame of motion leaves uncertain (where a
+    digit's rounded position lands, a bounce, two digits crossing), and a model trained on such clips
+    hedges there; a digit that jumps, stops or turns back mid-flight breaks, in one frame, a motion
+    the model was sure of. The surprisal counts that sureness, the squared error does not (on the
+    bench's archive the surprisal ranks more of the anomalies in the top 5%: bench/RESULTS_predict.md).
+    A mean over the clip would dilute the one frame by the clip's length, and a multi-step forecast
+    would drown it in the blur of its later steps.
+    """
+    return frame_surprise(model, inputs, context_frames, measure).amax(1)  # (B, T-K) -> (B,)
 
 
 # ----------------------------------------------------------------------------- report
@@ -427,7 +469,7 @@ class PredictTask(Task):
     def predict(self, model, inputs, config: "ForecasterConfig") -> dict[str, np.ndarray]:
         if config.labels:
             raise ValueError("a conditioned forecaster needs a class per clip; label an archive with an unconditioned one")
-        return {"surprise": surprise(model, inputs, config.context_frames).cpu().numpy().astype(np.float32)}
+        return {"surprise": surprise(model, inputs, config.context_frames, surprise_measure(config)).cpu().numpy().astype(np.float32)}
 
     def tables(self) -> dict:
         return {"clips": tables.SURPRISE_CLIPS}
