@@ -308,7 +308,8 @@ def compare_measures(model_uri: str, clips, wanted: dict, anomalous_videos: set)
     from rnnimg import checkpoint
     from rnnimg.models.layout import to_model_input
     from rnnimg.tasks import get
-    from rnnimg.tasks.predict import SURPRISE_MEASURES, frame_surprise, surprise_measure
+    from rnnimg.models.forecaster import to_grey
+    from rnnimg.tasks.predict import SURPRISE_MEASURES, score_frames, surprise_measure
     from rnnimg.video.clips import ClipSpec, uniform_clips
     from rnnimg.video.decode import VideoReader, probe
 
@@ -326,8 +327,9 @@ def compare_measures(model_uri: str, clips, wanted: dict, anomalous_videos: set)
             with VideoReader(uri, (config.frame_size, config.frame_size)) as reader:
                 decoded = list(reader.clips(uniform_clips(probe(uri).duration_s, spec)))
             x = to_model_input(np.stack([frames for _, frames in decoded]))
+            logits, truth = model.next_frame_logits(x), to_grey(x)[:, config.context_frames:]  # once for every measure
             for measure in SURPRISE_MEASURES:
-                scores[measure].append(frame_surprise(model, x, config.context_frames, measure).amax(1).numpy())
+                scores[measure].append(score_frames(logits, truth, measure).amax(1).numpy())
             keys += [(uri, clip.clip_index) for clip, _ in decoded]
     import pandas as pd
 

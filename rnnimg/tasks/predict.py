@@ -200,17 +200,19 @@ def frame_surprise(model, inputs, context_frames: int, measure: str):
     """Per clip and frame t >= K: the surprise of frame t predicted one step ahead from the clip's frames
     before it (``Forecaster.next_frame_logits``; no black level: a score, not a picture), (B, T - K).
     ``measure``: ``"surprisal"`` or ``"squared_error"`` (``surprise_measure``)."""
-    import torch
-
     from rnnimg.models.forecaster import to_grey
 
     if measure not in SURPRISE_MEASURES:
         raise ValueError(f"measure must be one of {SURPRISE_MEASURES}, got {measure!r}")
-    logits = model.next_frame_logits(inputs).float()  # (B, T-K, 1, H, W)
-    truth = to_grey(inputs)[:, context_frames:]
-    if measure == "surprisal":
-        return frame_surprisal(logits, truth)  # -> (B, T-K)
-    return frame_mse(torch.sigmoid(logits), truth)
+    return score_frames(model.next_frame_logits(inputs), to_grey(inputs)[:, context_frames:], measure)  # -> (B, T-K)
+
+
+def score_frames(logits, truth, measure: str):
+    """Each predicted frame's surprise by ``measure``: logits and true grey frames (..., 1, H, W) -> (...)."""
+    import torch
+
+    logits = logits.float()
+    return frame_surprisal(logits, truth) if measure == "surprisal" else frame_mse(torch.sigmoid(logits), truth)
 
 
 def surprise(model, inputs, context_frames: int, measure: str = "surprisal"):
