@@ -11,7 +11,7 @@ DEMO_OUT ?= demo-output
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export RAY_USAGE_STATS_ENABLED := 0
 
-.PHONY: setup demo test test-recovery test-cluster clean
+.PHONY: setup demo test test-recovery test-deploy test-cluster clean
 
 setup: $(STAMP)
 
@@ -25,11 +25,15 @@ demo: $(STAMP)
 	$(BIN)/python flows/demo.py --out $(DEMO_OUT)
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -m "not cluster and not recovery"
+	$(BIN)/python -m pytest -m "not cluster and not recovery and not deploy"
 
 # Runs killed mid-way (a worker, the driver, the whole command) and rerun: about 6 minutes; CI runs it after `make test`.
 test-recovery: $(STAMP)
 	$(BIN)/python -m pytest -m recovery
+
+# infra/prefect.yaml deployed to a real Prefect server, worker and Ray cluster, every flow run (2 to 3 minutes); CI runs it after `make test`.
+test-deploy: $(STAMP)
+	$(BIN)/python -m pytest -m deploy
 
 # Multi-node Ray clusters started with `ray start` on this machine (a few minutes); CI runs it after `make test`.
 test-cluster: $(STAMP)

@@ -444,6 +444,28 @@ def stage_parts(batch: dict, out: str, columns: list[str]) -> dict:
     }
 
 
+def sweep_parts(out: str, committed: set[int]) -> int:
+    """Remove the part files of committed shards; returns how many there were.
+
+    A shard's commit removes its parts, but a task can still write one afterwards: a model
+    batch Ray retried, or one still running in a pipeline whose coordinator was lost with its
+    node. No commit reads such a part (only the parts a shard's records name are read), so it
+    is litter, not data: the driver sweeps it once its coordinators are done.
+    """
+    root = storage.join(out, PARTS)
+    if not storage.exists(root):
+        return 0
+    litter: dict[int, int] = {}
+    for found in storage.list_files(root):
+        folder = found.uri.rstrip("/").rsplit("/", 2)[-2]  # shard-NNNNN
+        number = folder[len("shard-") :] if folder.startswith("shard-") else ""
+        if number.isdigit() and int(number) in committed:
+            litter[int(number)] = litter.get(int(number), 0) + 1
+    for shard in sorted(litter):
+        storage.delete(parts_folder(out, shard))
+    return sum(litter.values())
+
+
 def commit_shard(out: str, shard: int, run: dict, task_name: str, parts: list[str], videos: list[dict], min_segment_seconds: float,
                  fence=None) -> dict:
     """Commit one complete shard from its part files: read them, keep each clip once, write the
@@ -464,7 +486,10 @@ def commit_shard(out: str, shard: int, run: dict, task_name: str, parts: list[st
     """
     import pyarrow as pa
 
-    if storage.exists(_commit_uri(out, shard)):  # a retry of a commit that had finished
+    if storage.exists(_commit_uri(out, shard)):
+        # A retry of a commit that had finished, or had written its record and was lost (with its
+        # node) before removing the parts: remove them now.
+        storage.delete(parts_folder(out, shard))
         return storage.read_json(_commit_uri(out, shard))
     task = tasks.get(task_name)
     seen: set[tuple[str, int]] = set()
@@ -656,6 +681,9 @@ def _label_locked(videos: list[str], model: checkpoint.ExportedModel, task: task
                "spec": spec.to_dict(), "config": config, "stills": stills, "fence": lock.fence(), "verbose": runtime.verbose()}
         coordinator_cpu_s, restarted = coordinate(job, {i: all_shards[i] for i in pending}, lock)
 
+    swept = sweep_parts(out, _committed_shards(out))
+    if swept:
+        log.warning("removed %d part files left by tasks that ran after their shard committed (a retry, or a worker lost with a node)", swept)
     timings["pipeline"] = time.perf_counter() - started - timings["plan"]
     result = replace(_summarize(out, run, task, rows, left_out, len(pending), len(committed), started, timings),
                      coordinator_cpu_s=round(coordinator_cpu_s, 3), coordinators_restarted=restarted)

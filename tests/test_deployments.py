@@ -348,6 +348,7 @@ def _completed(waited) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.deploy
 @pytest.mark.prefect
 @pytest.mark.ray
 @pytest.mark.timeout(600)

@@ -86,8 +86,19 @@ def test_rerun_skips_committed_shards_and_redoes_the_rest_without_duplicates(ray
     after = pads.dataset(os.path.join(out, "clips")).to_table().to_pandas().sort_values(["video_uri", "clip_index"]).reset_index(drop=True)
     pd.testing.assert_frame_equal(before, after)
 
+    # Parts written after their shard committed (a batch Ray retried late, a committer lost between
+    # its record and removing the parts): never read, and swept by the next run that ends.
+    from rnnimg.label import parts_folder
+
+    for shard in (0, len(commits) - 1):
+        os.makedirs(parts_folder(out, shard), exist_ok=True)
+        with open(os.path.join(parts_folder(out, shard), "late.parquet"), "wb") as stray:
+            stray.write(b"PAR1 not a table")
     third = label(videos, untrained_model, out, LabelConfig(videos_per_shard=2, batch_size=4))
     assert third.shards_done == 0 and third.clips == first.clips
+    assert not any(files for _, _, files in os.walk(os.path.join(out, "_parts")))
+    after = pads.dataset(os.path.join(out, "clips")).to_table().to_pandas().sort_values(["video_uri", "clip_index"]).reset_index(drop=True)
+    pd.testing.assert_frame_equal(before, after)
 
 
 def test_rerun_with_another_model_into_the_same_output_is_refused(ray_local, archive_with_broken, untrained_model, tmp_path):
@@ -145,7 +156,7 @@ def test_commit_waits_for_every_clip_row_whatever_the_block_order(tiny_archive, 
     """Status rows first, clip batches after, shuffled, with duplicates: every clip stored once."""
 
     from rnnimg import tasks
-    from rnnimg.label import commit_stream, parts_folder, stage_parts
+    from rnnimg.label import commit_shard, commit_stream, parts_folder, stage_parts
     from rnnimg.manifest import VideoRow
     from rnnimg.store_lock import StoreLock
     from rnnimg.video.clips import ClipSpec
@@ -176,6 +187,15 @@ def test_commit_waits_for_every_clip_row_whatever_the_block_order(tiny_archive, 
     assert set(stored["label"]) == {"left"} and (stored["score"] == np.float32(0.75)).all()
     assert (pads.dataset(os.path.join(out, "videos")).to_table().to_pandas().clips == 2).all()
     assert not os.path.exists(parts_folder(out, 0))  # the parts go once the shard is committed
+
+    # A committer lost after its completion record and before removing the parts: its retry finds
+    # the record, returns it, and removes the parts it left.
+    left = [stage_parts(b, out, ["label", "score"]) for b in clip_batches[:2]]
+    assert os.listdir(parts_folder(out, 0))
+    again = commit_shard(out, 0, run, "classify", sorted({str(p) for r in left for p in r["part"]}), [], 0.0)
+    assert again == storage.read_json(os.path.join(out, "_commits", "shard-00000.json"))
+    assert not os.path.exists(parts_folder(out, 0))
+    assert len(pads.dataset(os.path.join(out, "clips")).to_table()) == expected
 
     # A stream that lost a clip record never commits the shard: the job fails loudly instead of dropping it.
     lossy = str(tmp_path / "lossy")
