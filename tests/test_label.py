@@ -406,3 +406,18 @@ def test_a_second_writer_of_one_output_fails_at_once_naming_the_holder(ray_local
     result = label(videos, untrained_model, out)  # released: this run writes, and releases in turn
     assert result.videos == result.ok > 0
     assert StoreLock(out, "probe").holder() is None
+
+
+@pytest.mark.parametrize("where", ["local", pytest.param("s3", marks=pytest.mark.s3)])
+def test_the_sweep_removes_only_the_parts_of_committed_shards(where, tmp_path, request):
+    from rnnimg.label import parts_folder, sweep_parts
+
+    out = f"{request.getfixturevalue('s3_bucket')}/labels" if where == "s3" else str(tmp_path / "labels")
+    assert sweep_parts(out, {0}) == 0  # no parts at all
+    for shard, names in ((0, ["a", "b"]), (1, ["c"]), (12, ["d"])):
+        for name in names:
+            storage.write_bytes(storage.join(parts_folder(out, shard), f"{name}.parquet"), b"part")
+    assert sweep_parts(out, {0, 12, 40}) == 3
+    left = sorted(storage.basename(f.uri) for f in storage.list_files(storage.join(out, "_parts")))
+    assert left == ["c.parquet"]  # shard 1 has not committed: its parts are kept for its commit
+    assert sweep_parts(out, {0, 12}) == 0
