@@ -29,7 +29,8 @@ error; the clips before it are kept) or ``failed`` (the reason in ``error``). A 
 never stops the job.
 
 A shard's table files are written first and its completion record last (``OUT/_commits``),
-then its parts (``OUT/_parts/shard-NNNNN/``) are removed. Rerunning the same command skips
+then its parts (``OUT/_parts/shard-NNNNN/``) are removed (a part a late task writes after that is
+never read, and the run sweeps it when its pipelines are done). Rerunning the same command skips
 committed shards and rewrites any shard that had not committed, under the same file names, so
 no row is written twice.
 See ``rnnimg.tables`` for the store layout and schemas.
